@@ -1,0 +1,56 @@
+"""ecif curation app (``ecif app``): load a run, review harmful pairs, trace mispredictions, preview
+edits, plot scores and export the cleaned manifest.
+
+Arguments after ``--``: ``--run DIR`` (a run folder; default: the demo run, scored in the
+background on first launch) and ``--manifest PATH`` (score this manifest into the run folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+# Streamlit puts this folder on sys.path for `streamlit run`; AppTest and other runners may not.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from views import common, export, load, mispredictions, plots, review, whatif  # noqa: E402
+
+from ecif.jobs.launch import run_dir_for  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ecif app", add_help=False)
+    parser.add_argument("--run", type=Path, default=None)
+    parser.add_argument("--manifest", default=None)
+    return parser.parse_known_args(argv)[0]
+
+
+def main() -> None:
+    st.set_page_config(page_title="ecif · curate CLIP data", page_icon="🧹", layout="wide")
+    args = parse_args(sys.argv[1:])
+    launch_run = (args.run or run_dir_for(args.manifest)).expanduser().resolve()
+    ctx = common.build_context(launch_run, args.manifest)
+    ctx.pages = {
+        "load": st.Page(lambda: load.render(ctx), title="Load", icon="📂", url_path="load"),
+        "review": st.Page(lambda: review.render(ctx), title="Review", icon="🔎", url_path="review",
+                          default=True),
+        "mispredictions": st.Page(lambda: mispredictions.render(ctx), title="Mispredictions",
+                                  icon="🎯", url_path="mispredictions"),
+        "whatif": st.Page(lambda: whatif.render(ctx), title="What-if", icon="🧪", url_path="whatif"),
+        "plots": st.Page(lambda: plots.render(ctx), title="Plots", icon="📈", url_path="plots"),
+        "export": st.Page(lambda: export.render(ctx), title="Export", icon="📦", url_path="export"),
+    }
+    page = st.navigation(list(ctx.pages.values()))
+    st.sidebar.caption(f"Run: `{ctx.run.directory}`")
+    common.progress_panel(ctx)
+    if ctx.scored:
+        # Rendered on every page so the filters (and the view they define) persist across pages.
+        common.sidebar_filters(ctx)
+    common.flash()
+    page.run()
+
+
+main()

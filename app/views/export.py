@@ -1,0 +1,48 @@
+"""Export page: everything kept, or exactly the current view, in formats that train straight away."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import streamlit as st
+
+from ecif.curation.export import FORMATS, export_run
+
+from views.common import Context
+
+DOWNLOAD_LIMIT_BYTES = 200 * 2**20
+
+
+def render(ctx: Context) -> None:
+    st.header("Export")
+    if not ctx.scored:
+        st.info("Available once the run is scored.")
+        return
+    view_rows = ctx.view.index.tolist()
+    mode = st.radio("What to export", ["kept", "view"], key="export_mode", horizontal=True,
+                    format_func={"kept": "Everything kept (all splits, minus the dropped bin)",
+                                 "view": f"Exactly this view ({len(view_rows)} pairs; dropped ones "
+                                         "left out)"}.get)
+    formats = st.multiselect("Formats", FORMATS, default=["csv", "jsonl", "parquet"], key="export_formats")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out_dir = st.text_input("Export folder", str(ctx.run.path("exports") / stamp), key="export_dir")
+    st.caption("Always written: uids.txt (sorted kept uids), decisions.csv (every decision), run.json "
+               "(settings, hashes, counts), and the edited checkpoint when one exists. File paths are "
+               "absolute: train with `--csv-separator , --csv-img-key filepath --csv-caption-key title`.")
+    if st.button("Export", key="export_go", type="primary", disabled=not formats):
+        result = export_run(ctx.run, out_dir, view_rows=view_rows if mode == "view" else None,
+                            formats=formats)
+        st.session_state["export_result"] = result
+    result = st.session_state.get("export_result")
+    if result is None:
+        return
+    counts = result.counts
+    st.success(f"Exported {counts['kept']} pairs ({counts['dropped']} dropped left out, "
+               f"{counts['relabelled']} relabelled) to `{result.out_dir}`")
+    for name, path in result.files.items():
+        left, right = st.columns([4, 1])
+        left.code(str(path), language=None)
+        # Large files (a checkpoint, a huge manifest) stay on disk: the path above is the way.
+        if path.stat().st_size <= DOWNLOAD_LIMIT_BYTES:
+            right.download_button(f"Download {name}", path.read_bytes(), file_name=path.name,
+                                  key=f"download_{name}")

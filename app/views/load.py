@@ -1,0 +1,111 @@
+"""Load page: score the demo or your own model + manifest, or open an existing run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, get_args
+
+import streamlit as st
+
+from ecif.curvature.products import CurvatureKind
+from ecif.curvature.solvers import CurvatureConfig, SolverName
+from ecif.data.manifest import ManifestError, load_manifest
+from ecif.jobs.launch import run_dir_for
+from ecif.models.heads import FinetuneConfig
+from ecif.run import Run
+
+from views.common import Context, open_run, start_job
+
+
+def _check_manifest(path: str) -> None:
+    """Validate a manifest now and show its bad rows as a table (nothing is scored yet)."""
+    try:
+        with st.spinner("Checking the manifest…"):
+            loaded = load_manifest(path, check_images=True)
+    except (ManifestError, OSError) as error:
+        st.error(str(error))
+        return
+    st.success(f"{len(loaded.frame)} valid pairs · splits: "
+               + ", ".join(f"{k} {v}" for k, v in loaded.frame["split"].value_counts().items()))
+    if len(loaded.bad_rows):
+        st.warning(f"{len(loaded.bad_rows)} rows will be skipped:")
+        st.dataframe(loaded.bad_rows, hide_index=True, width="stretch")
+
+
+def _start(ctx: Context, run_dir: Path, settings: dict[str, Any]) -> None:
+    open_run(run_dir)
+    ctx.run = Run(run_dir)
+    start_job(ctx, settings)
+
+
+def _own_data_form(ctx: Context) -> None:
+    """Model, manifest, trusted split and influence settings -> a background scoring job."""
+    finetune, curvature = FinetuneConfig(), CurvatureConfig()
+    model = st.text_input("open_clip model name", "demo", key="load_model",
+                          help="“demo” trains the small built-in model on your train split; any other "
+                               "open_clip name needs a local checkpoint or a cached pretrained tag.")
+    checkpoint = st.text_input("Local checkpoint path (optional)", key="load_checkpoint",
+                               help="A local file; nothing is downloaded.")
+    pretrained = st.text_input("open_clip pretrained tag (optional, must be cached)", key="load_pretrained")
+    manifest = st.text_input("Manifest (CSV, TSV, JSONL, parquet or an image folder)", key="load_manifest")
+    splits = st.columns(2)
+    trusted = splits[0].text_input("Trusted split (the clean set influence is measured on)", "val",
+                                   key="load_trusted")
+    test = splits[1].text_input("Test split (scanned for mispredictions)", "test", key="load_test")
+    with st.expander("Influence settings"):
+        delta = st.number_input("Penalty δ towards the starting heads", 0.0, 1e4, finetune.delta,
+                                key="load_delta", help="Too weak a penalty leaves the fine-tuning "
+                                "ill-conditioned; the run reports it.")
+        batch = st.number_input("Reference batch size B", 2, 1 << 20, finetune.batch_size, key="load_batch")
+        damping = st.number_input("Damping λ", 0.0, 10.0, curvature.damping, format="%.1e",
+                                  key="load_damping")
+        solver = st.selectbox("Solver", get_args(SolverName), key="load_solver")
+        kind = st.selectbox("Curvature", get_args(CurvatureKind), key="load_kind")
+    default_dir = run_dir_for(manifest, model, checkpoint or None) if manifest else None
+    run_dir = st.text_input("Run folder (optional)", key="load_run_dir",
+                            placeholder=str(default_dir or "derived from the manifest"),
+                            help="Results and decisions are kept here; empty = the default shown.")
+    left, right = st.columns(2)
+    if left.button("Check manifest", key="check_manifest", disabled=not manifest):
+        _check_manifest(manifest)
+    if right.button("Start scoring", key="start_scoring", type="primary", disabled=not manifest):
+        settings = {
+            "manifest": str(Path(manifest).expanduser().resolve()), "model": model or "demo",
+            "checkpoint": checkpoint or None, "pretrained": pretrained or None,
+            "trusted_split": trusted, "test_split": test,
+            "finetune": {"delta": float(delta), "batch_size": int(batch)},
+            "curvature": {"damping": float(damping), "solver": solver, "kind": kind},
+        }
+        _start(ctx, Path(run_dir) if run_dir else default_dir, settings)
+        st.rerun()
+
+
+def render(ctx: Context) -> None:
+    st.header("Load")
+    demo, own, existing = st.tabs(["Demo", "Your model and data", "Open a run folder"])
+    with demo:
+        st.markdown("A small built-in dataset with known corrupted captions and a CLIP model "
+                    "trained on it; scoring takes a few minutes on a laptop CPU and is cached.")
+        if st.button("Score the demo", key="load_demo", type="primary"):
+            _start(ctx, run_dir_for(), {})
+            st.rerun()
+    with own:
+        _own_data_form(ctx)
+    with existing:
+        folder = st.text_input("Run folder", key="open_folder")
+        if st.button("Open", key="open_run", disabled=not folder):
+            if Run(folder).path("run.json").exists() or Run(folder).is_scored:
+                open_run(folder)
+                st.rerun()
+            st.error(f"{folder} is not a run folder (no run.json).")
+
+    st.subheader("Open run")
+    st.markdown(f"`{ctx.run.directory}` · {'scored' if ctx.run.is_scored else 'not scored yet'}")
+    info = ctx.run.info
+    if info:
+        with st.expander("run.json"):
+            st.json(info)
+    bad = ctx.run.bad_rows()
+    if len(bad):
+        st.warning(f"{len(bad)} manifest rows were skipped:")
+        st.dataframe(bad, hide_index=True, width="stretch")

@@ -1,0 +1,197 @@
+"""Helpers shared by the benchmark scripts: machine description, scored demo runs, progress,
+markdown tables and result files.
+
+Every script writes ``bench/results/NAME.json`` (machine, settings, raw numbers, tables) and
+``bench/results/NAME.md`` (the same tables as markdown), and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:  # running `python bench/NAME.py` from a checkout without an install
+    sys.path.insert(0, str(REPO))
+
+
+def set_threads(threads: int) -> None:
+    """Fix torch's intra-op threads (the benchmarks are meant to be comparable across runs)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def default_work_dir() -> Path:
+    """Where benchmark runs live (resumable): ``$ECIF_CACHE/bench`` or ``~/.cache/ecif/bench``."""
+    from ecif.paths import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, python / torch versions and torch threads of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gib = float("nan")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = int(line.split()[1]) / 1024**2
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram_gib, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in load],
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
+        f"python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads); "
+        f"load average at start {info['load_average_at_start']}; {info['date_utc']}."
+    )
+
+
+class StageLogger:
+    """A progress callback that prints each new stage (and coarse progress) with elapsed time."""
+
+    def __init__(self, prefix: str = "", every_seconds: float = 30.0):
+        self.prefix = prefix
+        self.every = every_seconds
+        self.started = time.perf_counter()
+        self.stage = None
+        self.last_print = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if stage != self.stage or now - self.last_print >= self.every:
+            amount = f" {done}/{total}" if total else ""
+            log(f"{self.prefix}{stage}{amount}", elapsed=now - self.started)
+            self.stage = stage
+            self.last_print = now
+
+    def reporter(self):
+        from ecif.progress import Reporter
+
+        return Reporter(callback=self)
+
+
+def log(message: str, elapsed: float | None = None) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    extra = f" (+{elapsed:.0f}s)" if elapsed is not None else ""
+    print(f"[{stamp}]{extra} {message}", flush=True)
+
+
+def demo_run_dir(work: Path, name: str, n: int, noise: float, corruption: str, seed: int = 0) -> Path:
+    """One folder per demo setting, shared by the scripts (fidelity and detect reuse each other's runs)."""
+    return Path(work) / f"{name}-n{n}-noise{noise:g}-{corruption}-seed{seed}"
+
+
+def scored_demo_run(
+    work: Path, name: str = "shapes", n: int = 3000, noise: float = 0.1, corruption: str = "random-caption", seed: int = 0
+):
+    """A demo run scored up to the ``scores`` stage (resumes whatever already finished).
+
+    A folder that already holds a run keeps the settings it was made with (recorded in run.json),
+    even if the library's defaults changed since; the scripts print and record those settings.
+    """
+    import ecif
+    from ecif.run import Run
+    from ecif.tasks.pipeline import RunConfig, run_pipeline
+
+    run_dir = demo_run_dir(work, name, n, noise, corruption, seed)
+    stored = Run(run_dir).info.get("settings") if (run_dir / "run.json").exists() else None
+    if stored:
+        config = RunConfig.from_settings(run_dir, stored)
+    else:
+        config = ecif.RunConfig(
+            run_dir=run_dir, demo=ecif.DemoDataConfig(name=name, n=n, noise=noise, corruption=corruption, seed=seed)
+        )
+    logger = StageLogger(prefix=f"{run_dir.name}: ")
+    return run_pipeline(config, reporter=logger.reporter(), stop_after="scores")
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables (scientific for very small / large magnitudes)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value == 0:
+            return "0"
+        if abs(value) < 1e-3 or abs(value) >= 1e5:
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(cell, digits) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str, results_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``NAME.json`` and ``NAME.md`` atomically into ``results_dir`` (default bench/results)."""
+    directory = Path(results_dir or RESULTS_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
+    for path, text in ((json_path, json.dumps(_jsonable(payload), indent=2)), (md_path, markdown.rstrip() + "\n")):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(text)
+        temporary.replace(path)
+    return json_path, md_path

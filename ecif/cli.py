@@ -1,0 +1,462 @@
+"""The ``ecif`` command line: a thin layer over the library (every command calls one library function).
+
+Commands that report something accept ``--json``.  Long commands show progress bars, stop cleanly on
+Ctrl-C, and resume from their cache when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ecif.progress import Reporter
+
+EXIT_USAGE = 2
+
+
+class _Bars:
+    """One tqdm bar per stage, for ``Reporter.callback`` (stderr, so ``--json`` stays clean)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.stage = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total or None, desc=stage, leave=False, file=sys.stderr)
+        if self.bar is not None:
+            if total and self.bar.total != total:
+                self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _reporter(args: argparse.Namespace) -> Reporter:
+    return Reporter(callback=_Bars(quiet=getattr(args, "json", False)))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, pd.DataFrame):
+        return [_jsonable(record) for record in value.to_dict(orient="records")]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(_jsonable(payload), indent=2))
+    else:
+        print(text)
+
+
+def _table(frame: pd.DataFrame, columns: list[str] | None = None, limit: int = 20) -> str:
+    if columns:
+        frame = frame[[c for c in columns if c in frame.columns]]
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
+        return frame.head(limit).to_string(index=False)
+
+
+# --- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from ecif.data import load_manifest, make_demo_data
+
+    path = make_demo_data(args.name, Path(args.out), n=args.n, noise=args.noise, corruption=args.corruption, seed=args.seed, reporter=_reporter(args))
+    frame = load_manifest(path, check_images=False).frame
+    train = frame[frame["split"] == "train"]
+    payload = {
+        "manifest": str(path),
+        "rows": len(frame),
+        "splits": frame["split"].value_counts().to_dict(),
+        "train_corrupted": int(train["corrupted"].astype(bool).sum()),
+        "train_rows": len(train),
+    }
+    _emit(args, payload, f"wrote {path}\n{len(frame)} rows; {payload['train_corrupted']} of {len(train)} train rows corrupted ({args.corruption})")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ecif.data import bad_rows_report, load_manifest
+
+    loaded = load_manifest(args.manifest, reporter=_reporter(args))
+    payload = {
+        "manifest": str(loaded.path),
+        "valid_rows": len(loaded.frame),
+        "bad_rows": loaded.bad_rows,
+        "columns": list(loaded.frame.columns),
+        "classes": loaded.classes.names if loaded.classes else None,
+    }
+    _emit(args, payload, f"{loaded.path}: {len(loaded.frame)} valid rows, {len(loaded.bad_rows)} skipped\n" + bad_rows_report(loaded))
+    return 0
+
+
+def _default_demo_manifest(args: argparse.Namespace) -> Path:
+    from ecif.data import make_demo_data
+    from ecif.paths import cache_dir
+
+    folder = cache_dir() / "demo-data" / "shapes-3000-0.1-random-caption-0"
+    manifest = folder / "manifest.csv"
+    if not manifest.exists():
+        make_demo_data("shapes", folder, n=3000, noise=0.1, corruption="random-caption", seed=0, reporter=_reporter(args))
+    return manifest
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from ecif.data import load_manifest
+    from ecif.models import load_model, train_demo_model, zero_shot_accuracy
+
+    manifest = load_manifest(args.manifest or _default_demo_manifest(args), reporter=_reporter(args))
+    checkpoint = train_demo_model(manifest, reporter=_reporter(args))
+    loaded = load_model("ecif-demo", checkpoint=checkpoint)
+    frame = manifest.frame
+    test = frame[frame["split"] == args.split].reset_index(drop=True)
+    if manifest.classes is None:
+        raise SystemExit("the manifest has no labels, so zero-shot accuracy cannot be measured")
+    accuracy = zero_shot_accuracy(loaded, test, manifest.classes)
+    chance = 1.0 / len(manifest.classes.names)
+    payload = {"checkpoint": str(checkpoint), "split": args.split, "zero_shot_accuracy": accuracy, "chance": chance, "items": len(test)}
+    _emit(args, payload, f"demo model: {checkpoint}\nzero-shot accuracy on {len(test)} {args.split} items: {accuracy:.1%} (chance {chance:.0%})")
+    return 0
+
+
+def _run_config(args: argparse.Namespace):
+    from ecif.curvature.solvers import CurvatureConfig
+    from ecif.models.heads import FinetuneConfig
+    from ecif.tasks.pipeline import DemoDataConfig, RunConfig
+
+    return RunConfig(
+        run_dir=Path(args.out),
+        manifest=Path(args.manifest) if args.manifest else None,
+        model=args.model,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        pretrained=args.pretrained,
+        trusted_split=args.trusted_split,
+        test_split=args.test_split,
+        demo=DemoDataConfig(),
+        finetune=FinetuneConfig(delta=args.delta, batch_size=args.batch_size, learn_logit_scale=args.learn_logit_scale),
+        curvature=CurvatureConfig(solver=args.solver, kind=args.curvature, damping=args.damping),
+    )
+
+
+def _run_until(args: argparse.Namespace, stop_after: str | None):
+    from ecif.tasks.pipeline import run_pipeline
+
+    return run_pipeline(_run_config(args), reporter=_reporter(args), stop_after=stop_after)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    run = _run_until(args, "features")
+    stage = run.info["stages"]["features"]
+    _emit(args, {"run": str(run.directory), **stage}, f"features cached for {run.directory}: image {stage['image_dim']}-d, text {stage['text_dim']}-d")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ecif.run import FINETUNE_FILE, read_json
+
+    run = _run_until(args, "fine-tune")
+    report = read_json(run.path(FINETUNE_FILE))
+    text = "\n".join(
+        [
+            f"fine-tuned heads in {run.directory}",
+            f"  gradient norm            {report['gradient_norm']:.2e}",
+            f"  smallest Hessian eigval  {report['smallest_hessian_eigenvalue']:.4g}",
+            f"  smallest pre-norm norm   {report['smallest_prenorm_norm']:.4g}",
+            f"  trusted-free train loss  {report['contrastive_loss']:.4f}",
+            *[f"  WARNING: {w}" for w in report["warnings"]],
+        ]
+    )
+    _emit(args, report, text)
+    return 0 if report["converged"] else 1
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    run = _run_until(args, None)
+    scores = run.scores()
+    payload = {"run": str(run.directory), "pairs": len(scores), "most_harmful": scores.head(args.top)}
+    text = f"scored {len(scores)} pairs → {run.directory / 'scores.parquet'}\nmost harmful:\n" + _table(
+        scores, ["rank", "uid", "caption", "influence", "influence_pos", "influence_neg", "self_influence", "clip_score"], args.top
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ecif.tasks.detect import detection_report
+    from ecif.tasks.pipeline import default_demo_run_dir
+    from ecif.tasks.trace import mispredictions, trace
+
+    args.out = args.out or str(default_demo_run_dir())
+    args.manifest, args.model, args.checkpoint, args.pretrained = None, "demo", None, None
+    run = _run_until(args, None)
+    scores = run.scores()
+    report = detection_report(scores)
+    wrong = mispredictions(run)
+    lines = [f"demo run: {run.directory}", "", "detection of planted misaligned pairs:", _table(report)]
+    payload: dict[str, Any] = {"run": str(run.directory), "detection": report, "mispredictions": len(wrong)}
+    if len(wrong):
+        item = wrong.iloc[0]
+        culprits = trace(run, item["uid"], top_k=5)
+        payload["trace"] = {"uid": item["uid"], "culprits": culprits}
+        lines += ["", f"{len(wrong)} mispredictions; culprits of {item['uid']} ({item['label']} predicted as {item['predicted']}):"]
+        lines.append(_table(culprits[culprits.role == "culprit"], ["uid", "caption", "relative_influence", "influence", "corrupted"]))
+    lines += ["", "open the app: ecif app"]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def _open_run(path: str):
+    from ecif.run import Run
+
+    run = Run(path)
+    if not run.is_scored:
+        raise SystemExit(f"{run.directory} is not a scored run (no scores.parquet); run `ecif score --out {path}` first")
+    return run
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ecif.tasks.detect import detection_report, flag
+
+    scores = _open_run(args.run).scores()
+    flagged = flag(scores, method=args.method, top_k=args.top_k)
+    payload: dict[str, Any] = {"flagged": flagged}
+    text = f"{len(flagged)} pairs flagged by {args.method}:\n" + _table(flagged, ["rank", "uid", "caption", "influence", "self_influence", "suspicion"])
+    if "corrupted" in scores.columns:
+        report = detection_report(scores)
+        payload["metrics"] = report
+        text += "\n\nagainst the planted ground truth:\n" + _table(report)
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from ecif.tasks.trace import trace
+
+    table = trace(_open_run(args.run), args.item, top_k=args.top_k, relative=not args.plain)
+    columns = ["role", "uid", "caption", "relative_influence", "influence", "influence_pos", "influence_neg", "corrupted"]
+    _emit(args, {"item": args.item, "pairs": table}, _table(table, columns, 2 * args.top_k))
+    return 0
+
+
+def cmd_mispredictions(args: argparse.Namespace) -> int:
+    from ecif.tasks.trace import mispredictions
+
+    table = mispredictions(_open_run(args.run))
+    _emit(args, table, f"{len(table)} mispredictions\n" + _table(table, ["uid", "split", "label", "predicted", "prob_true", "loss"], 50))
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from ecif.tasks.clean import apply_edit, predict_edit, verify_by_refit
+
+    run = _open_run(args.run)
+    scores = run.scores()
+    if args.drop_file:
+        uids = {line.strip() for line in Path(args.drop_file).read_text().splitlines() if line.strip()}
+        rows = scores.loc[scores["uid"].astype(str).isin(uids), "row"].tolist()
+    else:
+        rows = scores.nsmallest(args.drop_top, "rank")["row"].tolist()
+    results = [predict_edit(run, rows), apply_edit(run, rows)]
+    if args.verify:
+        results.append(verify_by_refit(run, rows))
+    frame = pd.DataFrame(
+        [
+            {
+                "method": r.method,
+                "trusted_loss": r.after.trusted_loss,
+                "trusted_zero_shot": r.after.trusted_zero_shot_accuracy,
+                "test_zero_shot": r.after.test_zero_shot_accuracy,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+    )
+    before = results[0].before
+    text = (
+        f"dropping {len(rows)} pairs; before: trusted loss {before.trusted_loss:.4f}, "
+        f"test zero-shot {before.test_zero_shot_accuracy:.1%}\n" + _table(frame) + f"\nedited checkpoint: {results[1].checkpoint}"
+    )
+    _emit(args, [r.to_dict() for r in results], text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ecif.curation.export import export_run
+
+    run = _open_run(args.run)
+    result = export_run(run, Path(args.out), formats=tuple(args.formats.split(",")))
+    payload = result if isinstance(result, dict) else getattr(result, "__dict__", str(result))
+    _emit(args, payload, f"exported to {args.out}: {payload}")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from ecif.jobs.launch import launch_app
+
+    return launch_app(run_dir=args.run, manifest=args.manifest, port=args.port, host=args.host) or 0
+
+
+# --- parser -------------------------------------------------------------------------------------------
+
+
+def _add_run_options(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    parser.add_argument("--manifest", help="CSV/TSV/JSONL/parquet manifest or image folder (default: built-in demo data)")
+    parser.add_argument("--model", default="demo", help="'demo' (trains the small ecif-demo model) or any open_clip model name")
+    parser.add_argument("--checkpoint", help="local checkpoint file (safetensors or torch weights) for --model")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag (only if already in the local cache; offline)")
+    parser.add_argument("--out", required=out_required, help="run folder")
+    parser.add_argument("--trusted-split", default="val", help="split used as the trusted set (default: val)")
+    parser.add_argument("--test-split", default="test", help="split scanned for mispredictions (default: test)")
+    parser.add_argument("--delta", type=float, default=1.0, help="penalty towards the starting heads (default 1.0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="reference batch size (default 64)")
+    parser.add_argument("--learn-logit-scale", action="store_true", help="include the logit scale in the influence scope")
+    parser.add_argument("--solver", default="auto", choices=["auto", "dense", "cg", "ekfac"], help="curvature solver")
+    parser.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"], help="Hessian or Gauss-Newton")
+    parser.add_argument("--damping", type=float, default=1e-4, help="damping added to the curvature (default 1e-4)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecif", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo-data", help="generate a demo data set (offline, deterministic)")
+    p.add_argument("name", choices=["shapes", "digits"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--corruption", default="random-caption", choices=["random-caption", "attribute-swap", "class-flip"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_demo_data)
+
+    p = commands.add_parser("validate", help="check a manifest and list every bad row")
+    p.add_argument("manifest")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_validate)
+
+    p = commands.add_parser("train-demo", help="train (or reuse) the small demo model and report its zero-shot accuracy")
+    p.add_argument("--manifest", help="demo manifest (default: shapes, n=3000, 10%% random-caption noise)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_train_demo)
+
+    for name, handler, text in (
+        ("features", cmd_features, "compute and cache backbone features"),
+        ("finetune", cmd_finetune, "fine-tune the projection heads to a minimiser and report convergence"),
+        ("score", cmd_score, "score every training pair (the whole run)"),
+    ):
+        p = commands.add_parser(name, help=text)
+        _add_run_options(p)
+        if name == "score":
+            p.add_argument("--top", type=int, default=10)
+        p.set_defaults(handler=handler)
+
+    p = commands.add_parser("demo", help="the whole path on the built-in demo data, end to end")
+    _add_run_options(p, out_required=False)
+    p.set_defaults(handler=cmd_demo)
+
+    p = commands.add_parser("detect", help="flag misaligned pairs (and measure against ground truth)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--method", default="influence", choices=["influence", "self_influence"])
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_detect)
+
+    p = commands.add_parser("trace", help="culprits and supporters of one test item's zero-shot loss")
+    p.add_argument("--run", required=True)
+    p.add_argument("--item", required=True, help="uid of a labelled item")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--plain", action="store_true", help="rank by plain influence instead of the relative score")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_trace)
+
+    p = commands.add_parser("mispredictions", help="test items the model gets wrong")
+    p.add_argument("--run", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_mispredictions)
+
+    p = commands.add_parser("edit", help="predict, apply (and verify) dropping the most harmful pairs")
+    p.add_argument("--run", required=True)
+    p.add_argument("--drop-top", type=int, default=50)
+    p.add_argument("--drop-file", help="file with one uid per line to drop")
+    p.add_argument("--verify", action="store_true", help="also re-fine-tune for the ground truth")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_edit)
+
+    p = commands.add_parser("export", help="export the cleaned manifest, uid list, decisions and run.json")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--formats", default="csv,jsonl,parquet")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_export)
+
+    p = commands.add_parser("app", help="open the curation app (built-in demo by default)")
+    p.add_argument("--run", help="run folder (default: the demo run)")
+    p.add_argument("--manifest", help="score this manifest with the demo model in the background")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.set_defaults(handler=cmd_app)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ecif.data import ManifestError
+    from ecif.progress import Cancelled
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume from the cache", file=sys.stderr)
+        return 130
+    except Cancelled as error:
+        print(f"cancelled: {error}", file=sys.stderr)
+        return 130
+    except (ManifestError, FileNotFoundError, KeyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a clear one-line error for known library failures
+        from ecif.models.open_clip_models import ModelLoadError
+
+        if isinstance(error, ModelLoadError):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Load an image-caption manifest into ecif's canonical frame, and report every unusable row at once.
+
+Accepted inputs (format chosen by the file extension):
+
+- CSV (``.csv``), TSV (``.tsv``, ``.tab``; open_clip's ``filepath``/``title`` layout), JSON Lines
+  (``.jsonl``, ``.ndjson``, ``.json``) and parquet (``.parquet``, ``.pq``); ``.gz``/``.bz2``/``.xz``/
+  ``.zst``/``.zip`` compression of the text formats is understood.
+- A directory: its ``manifest.*`` if it has one (the demo data layout); else its ``captions.*``
+  table (image names in a ``filename``-style column, relative to the directory); else the images in
+  it (recursively) with img2dataset-style sidecar captions ``NAME.txt`` beside each ``NAME.jpg``.
+
+Columns are recognised by name, case-insensitively (first alias present wins; see ``ALIASES``).
+Relative image paths resolve against the manifest's folder.  Rows that cannot be used are listed
+in ``bad_rows`` with a reason and left out; only problems with the file as a whole raise
+:class:`ManifestError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow
+from PIL import Image
+
+from ecif.data._parallel import threaded_map
+from ecif.data.classes import CLASSES_FILE_NAME, ClassesError, ZeroShotClasses
+from ecif.paths import file_sha256, text_sha256
+from ecif.progress import Reporter, as_reporter
+
+CANONICAL_COLUMNS = ("uid", "filepath", "caption", "split", "label", "source_row")
+ALIASES: dict[str, tuple[str, ...]] = {
+    "filepath": ("filepath", "image", "image_path", "path", "file", "filename", "file_name"),
+    "caption": ("caption", "title", "text"),
+    "uid": ("uid", "id", "key"),
+    "label": ("label", "class"),
+    "split": ("split",),
+}
+"""Input column names (lower-case) accepted for each canonical column, in order of preference."""
+_ALIAS_NAMES = frozenset(alias for aliases in ALIASES.values() for alias in aliases)
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+_COMPRESSIONS = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip"})
+_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+MANIFEST_STEMS = ("manifest", "captions")
+"""Table names looked for inside a directory, in this order (see the module docstring)."""
+BAD_ROWS_COLUMNS = ("row", "uid", "filepath", "reason")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used (missing, empty, unparseable, no image/caption column)."""
+
+
+@dataclass
+class LoadedManifest:
+    """A validated manifest.
+
+    ``frame`` (RangeIndex): ``uid`` (unique str), ``filepath`` (absolute str), ``caption`` (non-empty
+    str), ``split`` ("train" / "val" / "test"), ``label`` (str or None), ``source_row`` (1-based data
+    row in the input, as error messages count; replaces an input column of that name), then the
+    input's other columns unchanged.
+    ``bad_rows``: ``row``, ``uid``, ``filepath``, ``reason`` for every row left out.
+    ``sha256``: of the manifest file's bytes (an image folder: of its listing and captions).
+    """
+
+    frame: pd.DataFrame
+    bad_rows: pd.DataFrame
+    path: Path
+    sha256: str
+    classes: ZeroShotClasses | None
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def _table_format(path: Path) -> str | None:
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes.pop()
+    return _FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _canonical_source(columns: Sequence[str], canonical: str) -> str | None:
+    """The input column that provides ``canonical``, or None."""
+    by_lower = {str(column).strip().lower(): column for column in columns}
+    return next((by_lower[alias] for alias in ALIASES[canonical] if alias in by_lower), None)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """The raw rows of a manifest file; ManifestError if it cannot be read."""
+    kind = _table_format(path)
+    if kind is None:
+        known = ", ".join(sorted(_FORMATS))
+        raise ManifestError(f"{path}: unsupported manifest format (expected one of {known}, or a folder)")
+    if path.stat().st_size == 0:
+        raise ManifestError(f"{path}: empty file")
+    try:
+        if kind in ("csv", "tsv"):
+            separator = "\t" if kind == "tsv" else ","
+            # Identifier, path and text columns are read as text: "007" must stay "007", not 7.
+            header = pd.read_csv(path, sep=separator, nrows=0).columns
+            text_columns = {column: str for column in header if str(column).strip().lower() in _ALIAS_NAMES}
+            frame = pd.read_csv(path, sep=separator, dtype=text_columns)
+        elif kind == "jsonl":
+            # dtype=False keeps JSON's own types (a string uid stays a string).
+            try:
+                frame = pd.read_json(path, lines=True, dtype=False)
+            except ValueError:
+                if path.suffix.lower() != ".json":
+                    raise
+                frame = pd.read_json(path, orient="records", dtype=False)  # a plain JSON array
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError as error:
+        raise ManifestError(f"{path}: empty file") from error
+    except (ValueError, UnicodeDecodeError, OSError, pyarrow.ArrowException) as error:
+        raise ManifestError(f"{path}: cannot be read as {kind}: {error}") from error
+    if frame.empty:
+        raise ManifestError(f"{path}: no data rows")
+    return frame
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not path.name.startswith(".")
+    )
+
+
+def _read_sidecar_folder(folder: Path) -> tuple[pd.DataFrame, str]:
+    """Images under ``folder`` with captions from ``NAME.txt`` beside them; also a content hash.
+
+    uid = the image path relative to the folder without extension (img2dataset's key, unique).
+    """
+    images = _image_files(folder)
+    if not images:
+        raise ManifestError(f"{folder}: no manifest, captions file or images found in this folder")
+    records = []
+    for image in images:
+        sidecar = image.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+        relative = image.relative_to(folder).as_posix()
+        records.append({"uid": relative.rsplit(".", 1)[0], "filepath": relative, "caption": caption})
+    # Size stands in for content: hashing every image would make loading as slow as decoding them.
+    digest = text_sha256(
+        *(
+            f"{r['filepath']}\t{p.stat().st_size}\t{r['caption']}"
+            for r, p in zip(records, images, strict=True)
+        )
+    )
+    return pd.DataFrame.from_records(records), digest
+
+
+def _read_source(path: Path) -> tuple[pd.DataFrame, Path, str]:
+    """Raw rows, the file they came from (or the folder), and the content hash."""
+    if not path.exists():
+        raise ManifestError(f"{path}: file not found")
+    if not path.is_dir():
+        return _read_table(path), path, file_sha256(path)
+    for stem in MANIFEST_STEMS:
+        tables = sorted(p for p in path.glob(f"{stem}.*") if p.is_file() and _table_format(p) is not None)
+        if tables:
+            table = tables[0]
+            if stem == "manifest":
+                return _read_table(table), table, file_sha256(table)
+            # A captions table: the folder's listing is part of its identity (images may change).
+            listing = (f"{p.relative_to(path).as_posix()}\t{p.stat().st_size}" for p in _image_files(path))
+            return _read_table(table), path, text_sha256(file_sha256(table), *listing)
+    frame, digest = _read_sidecar_folder(path)
+    return frame, path, digest
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _text_values(column: pd.Series) -> list[str | None]:
+    """Column values as text; None where missing.  Integral floats print without ``.0`` (``7``)."""
+    values: list[str | None] = []
+    for value in column.tolist():
+        if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)):
+            values.append(None)
+        elif isinstance(value, float) and value.is_integer():
+            values.append(str(int(value)))
+        else:
+            values.append(str(value))
+    return values
+
+
+def _resolve(base: Path, filepath: str | None) -> str | None:
+    if filepath is None or not filepath.strip():
+        return None
+    if "://" in filepath:  # a URL: ecif reads local files only
+        return filepath
+    return os.path.abspath(os.path.join(base, os.path.expanduser(filepath.strip())))
+
+
+def _image_problem(filepath: str | None, decode: bool) -> str | None:
+    """Why the image cannot be used, or None.  ``decode`` opens and verifies it with PIL."""
+    if filepath is None:
+        return "no image path"
+    if "://" in filepath:
+        return "not a local file (download the images first, e.g. with img2dataset)"
+    if not os.path.isfile(filepath):
+        return "missing file"
+    if decode:
+        try:
+            with Image.open(filepath) as image:
+                image.verify()
+        except Exception as error:  # PIL signals corrupt data with many exception types
+            return f"undecodable image: {type(error).__name__}: {error}"
+    return None
+
+
+def _classes_for(frame: pd.DataFrame, directory: Path) -> ZeroShotClasses | None:
+    """``classes.json`` beside the manifest, else classes from the labels, else None."""
+    classes_file = directory / CLASSES_FILE_NAME
+    if classes_file.is_file():
+        try:
+            return ZeroShotClasses.load(classes_file)
+        except ClassesError as error:
+            raise ManifestError(str(error)) from error
+    labels = [label for label in frame["label"] if label is not None]
+    return ZeroShotClasses.from_labels(labels) if labels else None
+
+
+def _row_problems(
+    image_problems: list[str | None],
+    uids: list[str | None],
+    captions: list[str | None],
+    splits: list[str | None],
+) -> tuple[list[list[str]], list[str]]:
+    """Every reason each row is unusable (empty when usable), and its canonical split.
+
+    A uid belongs to its first occurrence in the file; later rows with it are the duplicates.
+    A missing split means "train", like a manifest without a split column.
+    """
+    problems: list[list[str]] = [[problem] if problem else [] for problem in image_problems]
+    first_row: dict[str, int] = {}
+    canonical_splits: list[str] = []
+    for index, (uid, caption, split) in enumerate(zip(uids, captions, splits, strict=True)):
+        if caption is None or not caption.strip():
+            problems[index].append("empty caption")
+        if uid is None or not uid.strip():
+            problems[index].append("empty uid")
+        elif uid in first_row:
+            problems[index].append(f"duplicate uid (first seen at row {first_row[uid]})")
+        else:
+            first_row[uid] = index + 1
+        canonical = SPLIT_ALIASES.get((split or "train").strip().lower())
+        if canonical is None:
+            problems[index].append(f"unknown split {split!r} (expected train, val or test)")
+        canonical_splits.append(canonical or "")
+    return problems, canonical_splits
+
+
+def load_manifest(
+    path: str | os.PathLike[str],
+    *,
+    check_images: bool = True,
+    reporter: Reporter | None = None,
+) -> LoadedManifest:
+    """Read, canonicalise and validate a manifest (see the module docstring for formats).
+
+    Every bad row is reported (missing or undecodable image, empty caption, duplicate uid -- the
+    later occurrence, unknown split) and left out; the rest load.  ``check_images=False`` skips
+    decoding (files are still checked to exist).  Image checks run in threads, reported under the
+    stage ``"checking images"``.  Raises :class:`ManifestError` naming the file when the manifest
+    as a whole is unusable, including when no row is valid.
+    """
+    reporter = as_reporter(reporter)
+    path = Path(path).expanduser().resolve()
+    raw, source, digest = _read_source(path)
+    base = source if source.is_dir() else source.parent
+
+    sources = {canonical: _canonical_source(list(raw.columns), canonical) for canonical in ALIASES}
+    for required, what in (("filepath", "image"), ("caption", "caption")):
+        if sources[required] is None:
+            raise ManifestError(
+                f"{source}: no {what} column (accepted names: {', '.join(ALIASES[required])}; "
+                f"found: {', '.join(map(str, raw.columns))})"
+            )
+
+    n = len(raw)
+    rows = list(range(1, n + 1))
+    absent: list[str | None] = [None] * n
+    column = {
+        canonical: _text_values(raw[name]) if name is not None else absent
+        for canonical, name in sources.items()
+    }
+    uids: list[str | None] = column["uid"] if sources["uid"] is not None else [f"row{row}" for row in rows]
+    filepaths = [_resolve(base, filepath) for filepath in column["filepath"]]
+    image_problems = threaded_map(
+        lambda fp: _image_problem(fp, check_images), filepaths, reporter, "checking images"
+    )
+
+    problems, splits = _row_problems(image_problems, uids, column["caption"], column["split"])
+    good = [index for index, found in enumerate(problems) if not found]
+    bad = [index for index, found in enumerate(problems) if found]
+    bad_rows = pd.DataFrame(
+        {
+            "row": pd.Series([rows[i] for i in bad], dtype="int64"),
+            "uid": pd.Series([uids[i] for i in bad], dtype=object),
+            "filepath": pd.Series([filepaths[i] for i in bad], dtype=object),
+            "reason": pd.Series(["; ".join(problems[i]) for i in bad], dtype=object),
+        }
+    )
+    if not good:
+        shown = "; ".join(f"row {rows[i]}: {'; '.join(problems[i])}" for i in bad[:5])
+        raise ManifestError(
+            f"{source}: none of the {n} rows is usable ({shown}{' ...' if len(bad) > 5 else ''})"
+        )
+
+    used = {name for name in sources.values() if name is not None} | set(CANONICAL_COLUMNS)
+    extras = raw.iloc[good][[name for name in raw.columns if name not in used]].reset_index(drop=True)
+    frame = pd.DataFrame(
+        {
+            "uid": [uids[i] for i in good],
+            "filepath": [filepaths[i] for i in good],
+            "caption": [column["caption"][i] for i in good],
+            "split": [splits[i] for i in good],
+            # object dtype keeps None (not NaN) for unlabelled rows, as documented.
+            "label": pd.Series([column["label"][i] for i in good], dtype=object),
+            "source_row": pd.Series([rows[i] for i in good], dtype="int64"),
+        }
+    )
+    frame = pd.concat([frame, extras], axis=1)
+    return LoadedManifest(frame, bad_rows, source, digest, _classes_for(frame, base))
+
+
+def bad_rows_report(loaded: LoadedManifest) -> str:
+    """A plain-text table of the rows that were left out and why (for the command line and logs)."""
+    total = len(loaded.frame) + len(loaded.bad_rows)
+    if loaded.bad_rows.empty:
+        return f"{loaded.path}: all {total} rows usable"
+    table = loaded.bad_rows[["row", "uid", "reason", "filepath"]].to_string(index=False)
+    return f"{loaded.path}: {len(loaded.bad_rows)} of {total} rows left out\n{table}"

@@ -1,0 +1,299 @@
+"""The contrastive objective of ECIF_METHOD §1 and the per-pair removal terms of §2, as pure functions.
+
+Notation (shapes in brackets, N pairs, d/d' backbone widths, e embedding width):
+
+- ``image [N, d]``, ``text [N, d']``: cached backbone features (pre-projection), float64.
+- ``theta [P]``: the influence scope, a flat vector; :class:`HeadsScope` splits it into
+  ``W_image [d, e]``, ``W_text [d', e]`` and the log logit scale ``ℓ``.
+- ``u = normalize(image @ W_image)``, ``v = normalize(text @ W_text)``, ``s_ij = exp(ℓ) u_i·v_j``.
+- Per reference batch ``m``: ``a_i = −s_ii + logsumexp_j s_ij`` (image→text),
+  ``b_i = −s_ii + logsumexp_j s_ji`` (text→image).
+- ``R(θ) = (1/N) Σ_i (a_i + b_i) + (δ/2)‖θ − θ₀‖²``.
+
+Removing pair ``n`` changes ``R`` by ``−(1/N)(Pos_n + Neg_n)`` with ``Pos_n = a_n + b_n`` and, exactly,
+``Neg_n = −Σ_{k∈m, k≠n} [log(1 − P_kn) + log(1 − Q_kn)]`` (``P`` row softmax, ``Q`` column softmax),
+or to first order ``Σ_{k≠n} (P_kn + Q_kn)``.  Everything here is differentiable with ``torch.func``
+(``jvp``, ``vjp``, ``vmap``), which is how the influence maths gets gradients and curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class HeadsScope:
+    """The default influence scope: both linear projection heads, optionally the logit scale.
+
+    ``theta`` is laid out as ``[W_image.ravel(), W_text.ravel(), (ℓ)]`` with ``W`` oriented so that
+    ``z = h @ W`` (open_clip's ``visual.proj`` and ``text_projection``).
+    """
+
+    image_dim: int
+    text_dim: int
+    embed_dim: int
+    log_logit_scale: float = math.log(100.0)
+    learn_logit_scale: bool = False
+
+    @property
+    def size(self) -> int:
+        """Number of trainable parameters ``P``."""
+        return (self.image_dim + self.text_dim) * self.embed_dim + int(self.learn_logit_scale)
+
+    def split(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``theta [P]`` → ``(W_image [d, e], W_text [d', e], ℓ scalar)``."""
+        n_image = self.image_dim * self.embed_dim
+        n_text = self.text_dim * self.embed_dim
+        w_image = theta[:n_image].reshape(self.image_dim, self.embed_dim)
+        w_text = theta[n_image : n_image + n_text].reshape(self.text_dim, self.embed_dim)
+        if self.learn_logit_scale:
+            log_scale = theta[n_image + n_text]
+        else:
+            log_scale = theta.new_tensor(self.log_logit_scale)
+        return w_image, w_text, log_scale
+
+    def join(self, w_image: Tensor, w_text: Tensor, log_scale: float | Tensor | None = None) -> Tensor:
+        """Inverse of :meth:`split` (``log_scale`` is ignored unless the scale is learnt)."""
+        parts = [w_image.reshape(-1), w_text.reshape(-1)]
+        if self.learn_logit_scale:
+            value = self.log_logit_scale if log_scale is None else log_scale
+            parts.append(torch.as_tensor(value, dtype=w_image.dtype).reshape(1))
+        return torch.cat(parts)
+
+    def with_logit_scale(self, log_scale: float) -> HeadsScope:
+        return HeadsScope(self.image_dim, self.text_dim, self.embed_dim, float(log_scale), self.learn_logit_scale)
+
+
+def reference_batches(n_pairs: int, batch_size: int, seed: int = 0) -> list[Tensor]:
+    """A fixed, deterministic partition of ``range(n_pairs)`` into batches of about ``batch_size``.
+
+    Sizes differ by at most one (``array_split`` of a seeded permutation), so no batch is a tiny
+    remainder whose softmax would behave unlike the others.  ``batch_size >= n_pairs`` gives one batch.
+    """
+    if n_pairs <= 0:
+        return []
+    order = np.random.default_rng(seed).permutation(n_pairs)
+    n_batches = max(1, math.ceil(n_pairs / max(1, batch_size)))
+    return [torch.as_tensor(np.sort(part), dtype=torch.long) for part in np.array_split(order, n_batches)]
+
+
+@dataclass
+class ContrastiveData:
+    """Cached backbone features of a set of pairs, with their fixed reference batching.
+
+    ``normaliser`` is the ``N`` of ``(1/N) Σ``; it stays the original ``N`` when pairs are removed
+    for an influence estimate (ECIF_METHOD §2 ignores the ``1/N → 1/(N−1)`` renormalisation) and is
+    set to the remaining count when the reduced problem is actually retrained.
+
+    Batches are evaluated together as a padded ``[M, B]`` index (padding masked out), a chunk of
+    batches at a time: a few large tensor operations instead of a Python loop per batch, which keeps
+    ``torch.func`` transforms fast, with memory bounded by ``chunk_pairs · B``.
+    """
+
+    image: Tensor
+    text: Tensor
+    batches: list[Tensor]
+    normaliser: float = field(default=0.0)
+    chunk_pairs: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.image.shape[0] != self.text.shape[0]:
+            raise ValueError(f"image has {self.image.shape[0]} rows but text has {self.text.shape[0]}")
+        if not self.normaliser:
+            self.normaliser = float(self.image.shape[0])
+        order = torch.cat(self.batches) if self.batches else torch.zeros(0, dtype=torch.long)
+        if order.numel() != self.image.shape[0] or (
+            order.numel() and not torch.equal(torch.sort(order).values, torch.arange(self.image.shape[0]))
+        ):
+            raise ValueError("reference batches must partition the rows exactly once")
+        width = max((len(b) for b in self.batches), default=0)
+        self.batch_index = torch.zeros(len(self.batches), width, dtype=torch.long)
+        self.batch_mask = torch.zeros(len(self.batches), width, dtype=torch.bool)
+        for position, batch in enumerate(self.batches):
+            self.batch_index[position, : len(batch)] = batch
+            self.batch_mask[position, : len(batch)] = True
+        # Where each row sits in the flattened [M, B] layout, to return per-pair values in row order.
+        flat_rows = self.batch_index[self.batch_mask]
+        flat_positions = torch.nonzero(self.batch_mask.reshape(-1)).squeeze(1)
+        self.position_of_row = torch.empty(self.image.shape[0], dtype=torch.long)
+        self.position_of_row[flat_rows] = flat_positions
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.image.shape[0])
+
+    @classmethod
+    def from_arrays(
+        cls, image: np.ndarray | Tensor, text: np.ndarray | Tensor, batch_size: int, seed: int = 0
+    ) -> ContrastiveData:
+        image_t = torch.as_tensor(np.asarray(image), dtype=torch.float64)
+        text_t = torch.as_tensor(np.asarray(text), dtype=torch.float64)
+        return cls(image_t, text_t, reference_batches(image_t.shape[0], batch_size, seed))
+
+    def chunks(self) -> list[slice]:
+        """Slices of whole batches, each covering about ``chunk_pairs`` pairs."""
+        per_chunk = max(1, self.chunk_pairs // max(1, self.batch_index.shape[1]))
+        return [slice(start, start + per_chunk) for start in range(0, len(self.batches), per_chunk)]
+
+    def to_row_order(self, per_position: Tensor) -> Tensor:
+        """Per-pair values laid out ``[M, B]`` (padding included) → ``[N]`` in row order."""
+        return per_position.reshape(-1)[self.position_of_row]
+
+    def edited(
+        self,
+        drop_rows: list[int] | np.ndarray | Tensor = (),
+        new_text: dict[int, Tensor] | None = None,
+        renormalise: bool = False,
+    ) -> tuple[ContrastiveData, Tensor]:
+        """The same data with ``drop_rows`` removed from their batches and some captions replaced.
+
+        ``new_text`` maps a row to its new caption's backbone features ``[d']`` (a relabel is a
+        removal of the old pair plus the addition of the new one in the same batch slot).  Returns
+        the edited data and ``kept [N']``, the original row of each remaining row.
+        """
+        drop = torch.as_tensor(np.asarray(list(drop_rows), dtype=np.int64))
+        keep_mask = torch.ones(self.n_pairs, dtype=torch.bool)
+        keep_mask[drop] = False
+        kept = torch.nonzero(keep_mask).squeeze(1)
+        new_position = torch.full((self.n_pairs,), -1, dtype=torch.long)
+        new_position[kept] = torch.arange(kept.numel())
+        text = self.text
+        if new_text:
+            text = text.clone()
+            for row, features in new_text.items():
+                text[row] = torch.as_tensor(features, dtype=text.dtype)
+        batches = [new_position[b[keep_mask[b]]] for b in self.batches]
+        batches = [b for b in batches if b.numel()]
+        normaliser = float(kept.numel()) if renormalise else self.normaliser
+        edited = ContrastiveData(self.image[kept], text[kept], batches, normaliser, self.chunk_pairs)
+        return edited, kept
+
+
+def embed(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit embeddings ``u [n, e]``, ``v [n, e]`` and the logit scale ``exp(ℓ)``."""
+    w_image, w_text, log_scale = scope.split(theta)
+    u = torch.nn.functional.normalize(image @ w_image, dim=-1)
+    v = torch.nn.functional.normalize(text @ w_text, dim=-1)
+    return u, v, log_scale.exp()
+
+
+def batch_logits(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
+    """``S [..., B, B]`` with ``S[i, j] = exp(ℓ) u_i·v_j`` for one batch or a stack of batches."""
+    u, v, scale = embed(scope, theta, image, text)
+    return scale * (u @ v.transpose(-1, -2))
+
+
+_MASKED_LOGIT = -1e4  # exp(-1e4) is exactly 0 in float64: padding drops out of every softmax
+
+
+def _log_one_minus_exp(log_p: Tensor) -> Tensor:
+    """``log(1 − exp(x))`` for ``x ≤ 0``, stable at both ends (Mächler's log1mexp)."""
+    log_p = log_p.clamp(max=-1e-30)
+    return torch.where(log_p > -math.log(2.0), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+
+
+def mask_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Logits of padded batches with every entry that touches padding set to ``_MASKED_LOGIT``."""
+    valid = mask[..., :, None] & mask[..., None, :]
+    return torch.where(valid, logits, torch.full_like(logits, _MASKED_LOGIT))
+
+
+def positive_terms(logits: Tensor) -> Tensor:
+    """``a_i + b_i = −2 s_ii + logsumexp_j s_ij + logsumexp_j s_ji`` per pair ``[..., B]``."""
+    diagonal = torch.diagonal(logits, dim1=-2, dim2=-1)
+    return -2.0 * diagonal + torch.logsumexp(logits, dim=-1) + torch.logsumexp(logits, dim=-2)
+
+
+def batch_pair_terms(logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair ``(Pos, Neg_exact, Neg_first_order)`` ``[..., B]`` from logits ``S [..., B, B]``.
+
+    ``mask [..., B]`` marks real pairs in padded batches; padded entries come out as 0.
+    """
+    size = logits.shape[-1]
+    if mask is None:
+        mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    logits = mask_logits(logits, mask)
+    log_rows = torch.log_softmax(logits, dim=-1)  # log P[k, n]: image k over captions n
+    log_cols = torch.log_softmax(logits, dim=-2).transpose(-1, -2)  # log Q[k, n]: caption k over images n
+    others = (mask[..., :, None] & mask[..., None, :]) & ~torch.eye(size, dtype=torch.bool, device=logits.device)
+    exact = -(_log_one_minus_exp(log_rows) + _log_one_minus_exp(log_cols))
+    negative_exact = torch.where(others, exact, torch.zeros_like(exact)).sum(dim=-2)
+    first = log_rows.exp() + log_cols.exp()
+    negative_first = torch.where(others, first, torch.zeros_like(first)).sum(dim=-2)
+    zero = torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    return (
+        torch.where(mask, positive_terms(logits), zero),
+        torch.where(mask, negative_exact, zero),
+        torch.where(mask, negative_first, zero),
+    )
+
+
+def chunk_logits(scope: HeadsScope, theta: Tensor, data: ContrastiveData, chunk: slice) -> tuple[Tensor, Tensor]:
+    """Unmasked logits ``[m, B, B]`` of a chunk of batches and its padding mask ``[m, B]``."""
+    index, mask = data.batch_index[chunk], data.batch_mask[chunk]
+    return batch_logits(scope, theta, data.image[index], data.text[index]), mask
+
+
+def pair_terms(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> dict[str, Tensor]:
+    """``{"pos", "neg", "neg_first_order"}``, each ``[N]`` in row order (unnormalised, no ``1/N``)."""
+    parts = [batch_pair_terms(*chunk_logits(scope, theta, data, chunk)) for chunk in data.chunks()]
+    names = ("pos", "neg", "neg_first_order")
+    return {name: data.to_row_order(torch.cat([p[i] for p in parts])) for i, name in enumerate(names)}
+
+
+def contrastive_sum(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> Tensor:
+    """``Σ_i (a_i + b_i)`` over all batches (scalar)."""
+    total = theta.new_zeros(())
+    for chunk in data.chunks():
+        logits, mask = chunk_logits(scope, theta, data, chunk)
+        per_pair = positive_terms(mask_logits(logits, mask))
+        total = total + torch.where(mask, per_pair, torch.zeros_like(per_pair)).sum()
+    return total
+
+
+def contrastive_loss(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> Tensor:
+    """Mean contrastive loss ``(1/N) Σ (a_i + b_i)`` (image→text plus text→image, in nats)."""
+    return contrastive_sum(scope, theta, data) / data.normaliser
+
+
+def objective(scope: HeadsScope, theta: Tensor, data: ContrastiveData, theta0: Tensor, delta: float) -> Tensor:
+    """``R(θ) = (1/N) Σ (a_i + b_i) + (δ/2)‖θ − θ₀‖²`` (ECIF_METHOD §1)."""
+    return contrastive_loss(scope, theta, data) + 0.5 * delta * torch.sum((theta - theta0) ** 2)
+
+
+def pair_losses(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> Tensor:
+    """Each pair's own loss ``a_i + b_i`` ``[N]`` (the cheap 'loss' baseline)."""
+    return pair_terms(scope, theta, data)["pos"]
+
+
+def clip_scores(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
+    """Cosine ``u_i·v_i`` of each pair under the heads ``[N]`` (the 'CLIP-score' baseline)."""
+    u, v, _ = embed(scope, theta, image, text)
+    return (u * v).sum(dim=-1)
+
+
+def prenormalisation_norms(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
+    """Smallest ``‖h W‖`` per pair over both modalities ``[N]``: where ``normalize`` becomes singular."""
+    w_image, w_text, _ = scope.split(theta)
+    return torch.minimum((image @ w_image).norm(dim=-1), (text @ w_text).norm(dim=-1))
+
+
+@dataclass
+class HeadsProblem:
+    """Everything that defines ``R(θ)``: scope, training data with its batching, ``θ₀`` and ``δ``."""
+
+    scope: HeadsScope
+    data: ContrastiveData
+    theta0: Tensor
+    delta: float
+
+    def objective(self, theta: Tensor) -> Tensor:
+        return objective(self.scope, theta, self.data, self.theta0, self.delta)
+
+    def with_data(self, data: ContrastiveData) -> HeadsProblem:
+        return HeadsProblem(self.scope, data, self.theta0, self.delta)

@@ -1,0 +1,87 @@
+"""Test functions ``φ(θ)`` whose change under removal ECIF predicts (ECIF_METHOD §3).
+
+A test function is any differentiable ``θ [P] → scalar``.  The built-ins are the trusted-set
+contrastive loss and the zero-shot cross-entropy of images against class prompts (prompt
+ensembling: a class embedding is the renormalised mean of its prompts' unit embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ecif.influence.objective import ContrastiveData, HeadsScope, contrastive_loss, embed
+
+TestFunction = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class ZeroShotPrompts:
+    """Backbone features of every class prompt: ``features [K, d']``, ``class_index [K]``, ``names [C]``."""
+
+    features: Tensor
+    class_index: Tensor
+    names: list[str]
+
+    @classmethod
+    def from_arrays(cls, features: np.ndarray, class_index: np.ndarray, names: list[str]) -> ZeroShotPrompts:
+        return cls(
+            torch.as_tensor(np.asarray(features), dtype=torch.float64),
+            torch.as_tensor(np.asarray(class_index), dtype=torch.long),
+            list(names),
+        )
+
+
+def class_embeddings(scope: HeadsScope, theta: Tensor, prompts: ZeroShotPrompts) -> Tensor:
+    """Unit class embeddings ``[C, e]`` (mean of unit prompt embeddings, renormalised)."""
+    _, w_text, _ = scope.split(theta)
+    prompt_embeddings = torch.nn.functional.normalize(prompts.features @ w_text, dim=-1)
+    n_classes = len(prompts.names)
+    membership = torch.nn.functional.one_hot(prompts.class_index, n_classes).to(theta.dtype).T  # [C, K]
+    means = membership @ prompt_embeddings / membership.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
+def zero_shot_logits(scope: HeadsScope, theta: Tensor, image: Tensor, prompts: ZeroShotPrompts) -> Tensor:
+    """``[k, C]`` logits ``exp(ℓ) u·w_c`` of images ``image [k, d]`` against the classes."""
+    w_image, _, log_scale = scope.split(theta)
+    u = torch.nn.functional.normalize(image @ w_image, dim=-1)
+    return log_scale.exp() * (u @ class_embeddings(scope, theta, prompts).T)
+
+
+def zero_shot_loss(scope: HeadsScope, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> TestFunction:
+    """``φ(θ)`` = mean zero-shot cross-entropy of ``image [k, d]`` with true classes ``labels [k]`` (nats)."""
+
+    def function(theta: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(zero_shot_logits(scope, theta, image, prompts), labels)
+
+    return function
+
+
+def validation_loss(scope: HeadsScope, data: ContrastiveData) -> TestFunction:
+    """``φ(θ)`` = mean contrastive loss of a trusted set with its own reference batching (nats)."""
+
+    def function(theta: Tensor) -> Tensor:
+        return contrastive_loss(scope, theta, data)
+
+    return function
+
+
+def retrieval_accuracy(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> float:
+    """Fraction of images whose own caption is the best match inside their reference batch."""
+    correct = 0
+    with torch.no_grad():
+        for batch in data.batches:
+            u, v, _ = embed(scope, theta, data.image[batch], data.text[batch])
+            correct += int((torch.argmax(u @ v.T, dim=1) == torch.arange(len(batch))).sum())
+    return correct / max(1, data.n_pairs)
+
+
+def zero_shot_accuracy(scope: HeadsScope, theta: Tensor, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> float:
+    with torch.no_grad():
+        predicted = zero_shot_logits(scope, theta, image, prompts).argmax(dim=1)
+    return float((predicted == labels).double().mean()) if labels.numel() else float("nan")

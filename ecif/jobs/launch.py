@@ -1,0 +1,67 @@
+"""Starting the Streamlit app (``ecif app``) and building the configuration of a background run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ecif.paths import cache_dir, text_sha256
+from ecif.tasks.pipeline import RunConfig, default_demo_run_dir
+
+APP_SCRIPT = Path(__file__).resolve().parents[2] / "app" / "main.py"
+
+
+def run_dir_for(manifest: str | Path | None = None, model: str | None = None,
+                checkpoint: str | Path | None = None) -> Path:
+    """The default run folder: the demo's without a manifest, else
+    ``cache_dir()/runs/<manifest stem>-<8 hex of manifest path, model and checkpoint>``."""
+    if manifest is None:
+        return default_demo_run_dir()
+    resolved = Path(manifest).expanduser().resolve()
+    key = text_sha256(str(resolved), model or "", str(checkpoint or ""))[:8]
+    return cache_dir() / "runs" / f"{resolved.stem}-{key}"
+
+
+def build_config(run_dir: str | Path, settings: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration for ``run_dir`` from plain settings in the shape of
+    ``RunConfig.settings()`` (``manifest``, ``model``, ``checkpoint``, ``trusted_split``, nested
+    ``finetune`` / ``curvature`` dicts); missing keys keep the engine's defaults, and no manifest
+    means the built-in demo."""
+    return RunConfig.from_settings(Path(run_dir), settings or {})
+
+
+def app_command(run_dir: str | Path | None = None, manifest: str | Path | None = None,
+                port: int = 8501, host: str = "127.0.0.1") -> list[str]:
+    """The ``streamlit run`` command line for the app (arguments after ``--`` go to the app)."""
+    command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
+               "--server.address", host, "--server.port", str(port),
+               "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               # The grid sets its bound pagination widget through Session State on purpose
+               # (keyboard paging, filters restarting at page 1).
+               "--global.disableWidgetStateDuplicationWarning", "true", "--"]
+    if run_dir is not None:
+        command += ["--run", str(Path(run_dir).expanduser().resolve())]
+    if manifest is not None:
+        command += ["--manifest", str(Path(manifest).expanduser().resolve())]
+    return command
+
+
+def launch_app(run_dir: str | Path | None = None, manifest: str | Path | None = None,
+               port: int = 8501, host: str = "127.0.0.1", wait: bool = True) -> subprocess.Popen:
+    """Run the app on ``run_dir`` (default: :func:`run_dir_for` the manifest, i.e. the demo run
+    without one); a run without results is scored in the background at once.
+
+    ``wait=True`` (the CLI) replaces this process with the Streamlit server, so Ctrl-C and signals
+    reach the server itself and no orphan is left behind; ``wait=False`` starts it as a child
+    process and returns it (tests, notebooks).
+    """
+    if run_dir is None and manifest is not None:
+        run_dir = run_dir_for(manifest)
+    command = app_command(run_dir, manifest, port, host)
+    print(f"ecif app: http://{host}:{port}", file=sys.stderr, flush=True)
+    if not wait:
+        return subprocess.Popen(command)
+    os.execv(command[0], command)

@@ -1,0 +1,182 @@
+"""Training the tiny "ecif-demo" CLIP from scratch on a demo manifest (noisy captions included).
+
+The demo needs a model that has really learned from the noisy pairs ECIF is meant to find, and it
+must train on two CPU cores in a few minutes. Training is deterministic (seeded, fixed thread
+count, data order derived from the seed and the epoch), cached by manifest and settings, and
+resumable: a checkpoint of the full training state is written after every epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from ecif.data import LoadedManifest
+from ecif.models.configs import DEMO_CONFIG_FILE, DEMO_MODEL_NAME
+from ecif.models.features import load_images
+from ecif.models.open_clip_models import load_model, save_checkpoint
+from ecif.paths import cache_dir, text_sha256
+from ecif.progress import Reporter, as_reporter
+from ecif.run import atomic_write_bytes
+
+DEMO_STAGE = "demo model"
+# Bump when the training procedure changes in a way that changes the weights, to retire old caches.
+_TRAINING_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DemoTrainConfig:
+    """Settings of demo training. Every field is part of the cache key.
+
+    ``lr`` is the AdamW peak learning rate (linear warm-up over ``warmup_epochs``, then cosine
+    decay to zero); ``max_shift`` is the random translation, in pixels, applied to training images
+    (small enough that "top left" stays top left); ``num_threads`` is fixed so that results do not
+    depend on the machine's core count.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_epochs: float = 2.0
+    max_shift: int = 4
+    seed: int = 0
+    num_threads: int = 2
+
+
+def demo_cache_key(manifest: LoadedManifest, config: DemoTrainConfig) -> str:
+    """Cache key of a trained demo model: manifest content, settings, architecture, procedure."""
+    return text_sha256(
+        manifest.sha256,
+        json.dumps(asdict(config), sort_keys=True),
+        DEMO_CONFIG_FILE.read_text(),
+        _TRAINING_VERSION,
+    )[:24]
+
+
+def train_demo_model(
+    manifest: LoadedManifest,
+    config: DemoTrainConfig = DemoTrainConfig(),
+    reporter: Reporter | None = None,
+) -> Path:
+    """Train "ecif-demo" on the manifest's ``split == "train"`` rows; return the safetensors checkpoint.
+
+    The checkpoint is cached at ``cache_dir()/models/ecif-demo-<key>.safetensors``: a second call
+    with the same manifest and settings returns at once. After an interruption (``Cancelled``,
+    ``KeyboardInterrupt``, a killed process) the next call resumes from the last finished epoch.
+    Progress is reported as optimisation steps under the stage "demo model".
+    """
+    reporter = as_reporter(reporter)
+    key = demo_cache_key(manifest, config)
+    models_dir = cache_dir() / "models"
+    final_path = models_dir / f"{DEMO_MODEL_NAME}-{key}.safetensors"
+    if final_path.exists():
+        return final_path
+    resume_path = models_dir / f"{DEMO_MODEL_NAME}-{key}.resume.pt"
+
+    train = manifest.frame[manifest.frame["split"] == "train"]
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        loaded = load_model(DEMO_MODEL_NAME, seed=config.seed)
+        model = loaded.model
+        images, failed = load_images(train["filepath"].astype(str).tolist(), loaded.preprocess)
+        keep = torch.tensor([position not in failed for position in range(len(train))])
+        images = images[keep]
+        tokens = loaded.tokenizer(train["caption"].astype(str).tolist())[keep]
+        if len(images) < 2:
+            raise ValueError(f"only {len(images)} training images could be read; the demo model needs at least 2")
+
+        batch_size = min(config.batch_size, len(images))
+        steps_per_epoch = len(images) // batch_size  # the last incomplete batch is dropped
+        total_steps = steps_per_epoch * config.epochs
+        # CLIP's β₂ = 0.98: the default 0.999 reacts too slowly to the contrastive loss's gradient spikes.
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+        )
+        warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total_steps))
+        loss_function = open_clip.ClipLoss()
+
+        first_epoch = 0
+        if resume_path.exists():
+            state = torch.load(resume_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            first_epoch = int(state["epoch"])
+
+        model.train()
+        reporter.report(DEMO_STAGE, first_epoch * steps_per_epoch, total_steps)
+        for epoch in range(first_epoch, config.epochs):
+            # Order and augmentation depend only on (seed, epoch), so a resumed run equals an uninterrupted one.
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            order = torch.randperm(len(images), generator=generator)
+            for step in range(steps_per_epoch):
+                batch = order[step * batch_size : (step + 1) * batch_size]
+                pixels = _random_shift(images[batch], config.max_shift, generator)
+                image_features, text_features, logit_scale = model(pixels, tokens[batch])
+                loss = loss_function(image_features, text_features, logit_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():  # as in CLIP: a temperature above 100 destabilises training
+                    model.logit_scale.clamp_(0, math.log(100))
+                reporter.report(DEMO_STAGE, epoch * steps_per_epoch + step + 1, total_steps)
+            _save_training_state(resume_path, model, optimizer, schedule, epoch + 1)
+
+        model.eval()
+        save_checkpoint(model, final_path)
+        resume_path.unlink(missing_ok=True)
+        return final_path
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image [B, 3, H, W] by up to ``max_shift`` pixels, filling with edge pixels."""
+    if max_shift <= 0:
+        return pixels
+    size = pixels.shape[-1]
+    padded = F.pad(pixels, (max_shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(pixels), 2), generator=generator)
+    return torch.stack(
+        [image[:, dy : dy + size, dx : dx + size] for image, (dy, dx) in zip(padded, offsets.tolist())]
+    )
+
+
+def _save_training_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    epochs_done: int,
+) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "epoch": epochs_done,
+        },
+        buffer,
+    )
+    atomic_write_bytes(path, buffer.getvalue())

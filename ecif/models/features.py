@@ -1,0 +1,305 @@
+"""Backbone features (before the projection heads) and reading/writing the heads themselves.
+
+The default influence scope is the pair of projection heads, so everything ECIF does runs on
+features taken *before* them: ``h_img`` (the ViT's pooled, layer-normed output) and ``h_txt`` (the
+text transformer's pooled output). With ``W_image = visual.proj`` and ``W_text = text_projection``
+the model's embeddings are exactly ``normalize(h_img @ W_image)`` and ``normalize(h_txt @ W_text)``.
+
+Features are cached on disk in shards, keyed by the model weights and the rows' content, so a
+second run is instant and an interrupted one resumes after the last finished shard.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import TextTransformer, VisionTransformer
+from PIL import Image
+
+from ecif.models.open_clip_models import LoadedModel, ModelLoadError, Preprocess
+from ecif.paths import cache_dir, text_sha256
+from ecif.progress import Reporter, as_reporter
+from ecif.run import atomic_write_bytes
+
+FEATURES_STAGE = "features"
+# Rows per cache shard: an interrupted run loses at most this much work.
+SHARD_ROWS = 512
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model's architecture has projection heads that ecif cannot separate from its backbone yet."""
+
+
+@dataclass
+class Features:
+    """Pre-projection backbone features of a manifest's rows, in row order.
+
+    ``image``: float32 [N, d_img]; ``text``: float32 [N, d_txt] (of each row's caption).
+    ``failed``: row position -> reason, for images that could not be read when the features were
+    computed; their ``image`` row is all zeros and must not be used.
+    """
+
+    image: np.ndarray
+    text: np.ndarray
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+
+class Heads(NamedTuple):
+    """The projection heads, float64, oriented so that embedding = normalize(h @ W).
+
+    ``image``: [d_img, e]; ``text``: [d_txt, e]; ``log_logit_scale``: log of the softmax temperature
+    multiplier (similarities are ``exp(log_logit_scale) * cosine``).
+    """
+
+    image: np.ndarray
+    text: np.ndarray
+    log_logit_scale: float
+
+
+@dataclass
+class PromptFeatures:
+    """Pre-projection text features of every zero-shot prompt.
+
+    ``features``: float32 [K, d_txt] for all prompts of all classes; ``class_index``: int64 [K],
+    the position in ``names`` of each prompt's class.
+    """
+
+    features: np.ndarray
+    class_index: np.ndarray
+    names: list[str]
+
+
+def get_heads(model: torch.nn.Module) -> Heads:
+    """The model's image and text projections and log logit scale, as float64 numpy copies."""
+    (image_owner, image_attr), (text_owner, text_attr) = _projection_slots(model)
+    return Heads(
+        image=getattr(image_owner, image_attr).detach().cpu().double().numpy().copy(),
+        text=getattr(text_owner, text_attr).detach().cpu().double().numpy().copy(),
+        log_logit_scale=float(model.logit_scale.detach().cpu().reshape(-1)[0]),
+    )
+
+
+def set_heads(
+    model: torch.nn.Module,
+    W_image: np.ndarray | torch.Tensor,
+    W_text: np.ndarray | torch.Tensor,
+    log_logit_scale: float,
+) -> None:
+    """Overwrite the model's projections ([d_img, e], [d_txt, e]) and log logit scale in place."""
+    (image_owner, image_attr), (text_owner, text_attr) = _projection_slots(model)
+    with torch.no_grad():
+        for owner, attr, value in ((image_owner, image_attr, W_image), (text_owner, text_attr, W_text)):
+            target = getattr(owner, attr)
+            value = torch.as_tensor(value)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{attr} must have shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+        model.logit_scale.fill_(float(log_logit_scale))
+
+
+def load_images(paths: Sequence[str], preprocess: Preprocess) -> tuple[torch.Tensor, dict[int, str]]:
+    """Read and preprocess images: float32 [n, 3, H, W], plus position -> reason for unreadable ones.
+
+    An unreadable image becomes an all-zero tensor instead of stopping the job; the manifest loader
+    has already validated every file, so this only happens if a file changed since.
+    """
+    tensors: list[torch.Tensor | None] = []
+    failed: dict[int, str] = {}
+    for position, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                tensors.append(preprocess(image.convert("RGB")))
+        # PIL raises OSError, ValueError, SyntaxError or DecompressionBombError depending on how the
+        # file is broken; any of them means "skip this one image".
+        except Exception as error:
+            failed[position] = f"{type(error).__name__}: {error}"
+            tensors.append(None)
+    if failed:
+        # Shaped like a preprocessed image even when every image of the batch is broken.
+        blank = torch.zeros_like(preprocess(Image.new("RGB", (32, 32))))
+        tensors = [tensor if tensor is not None else blank for tensor in tensors]
+    return torch.stack(tensors), failed
+
+
+def encode_images(loaded: LoadedModel, images: torch.Tensor) -> np.ndarray:
+    """Pre-projection image features, float32 [n, d_img], of preprocessed images [n, 3, H, W]."""
+    with torch.inference_mode(), _backbone_only(loaded.model):
+        return loaded.model.encode_image(images.to(loaded.device)).float().cpu().numpy()
+
+
+def encode_captions(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """Pre-projection text features, float32 [k, d_txt], of ``captions`` (any text, e.g. prompts)."""
+    chunks = []
+    with torch.inference_mode(), _backbone_only(loaded.model):
+        for start in range(0, len(captions), batch_size):
+            tokens = loaded.tokenizer(list(captions[start : start + batch_size])).to(loaded.device)
+            chunks.append(loaded.model.encode_text(tokens).float().cpu().numpy())
+    if not chunks:
+        return np.zeros((0, _text_width(loaded.model)), dtype=np.float32)
+    return np.concatenate(chunks)
+
+
+def encode_prompts(loaded: LoadedModel, names: Sequence[str], prompts: Mapping[str, Sequence[str]]) -> PromptFeatures:
+    """Pre-projection features of every prompt of every class (``ZeroShotClasses.names/.prompts``)."""
+    texts, class_index = [], []
+    for position, name in enumerate(names):
+        class_prompts = list(prompts.get(name) or [name])  # a class without prompts is described by its name
+        texts.extend(class_prompts)
+        class_index.extend([position] * len(class_prompts))
+    return PromptFeatures(
+        features=encode_captions(loaded, texts),
+        class_index=np.asarray(class_index, dtype=np.int64),
+        names=list(names),
+    )
+
+
+def compute_features(
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    reporter: Reporter | None = None,
+    batch_size: int = 64,
+) -> Features:
+    """Pre-projection features of every row of ``frame`` (columns ``filepath``, ``caption``).
+
+    Cached under ``cache_dir()/features/<model_hash>/<content hash>/`` in shards of
+    :data:`SHARD_ROWS` rows; finished shards are reused, so a cancelled or killed run resumes
+    where it stopped. Progress is reported as rows done under the stage "features".
+    """
+    reporter = as_reporter(reporter)
+    directory = features_cache_dir(loaded, frame)
+    paths = frame["filepath"].astype(str).tolist()
+    captions = frame["caption"].astype(str).tolist()
+    total = len(frame)
+    image_parts, text_parts, failed = [], [], {}
+    reporter.report(FEATURES_STAGE, 0, total)
+    for shard_start in range(0, total, SHARD_ROWS):
+        shard_stop = min(shard_start + SHARD_ROWS, total)
+        shard_file = directory / f"shard_{shard_start // SHARD_ROWS:05d}.npz"
+        if not shard_file.exists():
+            _write_shard(loaded, paths, captions, shard_start, shard_stop, batch_size, shard_file, reporter)
+        with np.load(shard_file) as shard:
+            image_parts.append(shard["image"])
+            text_parts.append(shard["text"])
+            failed.update(zip((shard["failed_rows"] + shard_start).tolist(), shard["failed_reasons"].tolist()))
+        reporter.report(FEATURES_STAGE, shard_stop, total)
+    if failed:
+        listed = "; ".join(f"{paths[row]} ({reason})" for row, reason in list(failed.items())[:5])
+        warnings.warn(f"{len(failed)} image(s) could not be read and have no features: {listed}", stacklevel=2)
+    return Features(image=_concatenate(image_parts), text=_concatenate(text_parts), failed=failed)
+
+
+def features_cache_dir(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
+    """Where :func:`compute_features` keeps the shards for this model and these rows.
+
+    The key covers each image's path, size and modification time, each caption, and the
+    preprocessing, so editing any of them recomputes instead of serving stale features.
+    """
+    parts = [repr(loaded.preprocess), str(SHARD_ROWS)]
+    for path, caption in zip(frame["filepath"].astype(str), frame["caption"].astype(str)):
+        try:
+            stat = os.stat(path)
+            parts.append(f"{path}\x1e{stat.st_size}\x1e{stat.st_mtime_ns}\x1e{caption}")
+        except OSError:
+            parts.append(f"{path}\x1emissing\x1e{caption}")
+    return cache_dir() / "features" / loaded.model_hash / text_sha256(*parts)[:32]
+
+
+def _write_shard(
+    loaded: LoadedModel,
+    paths: list[str],
+    captions: list[str],
+    start: int,
+    stop: int,
+    batch_size: int,
+    shard_file: Path,
+    reporter: Reporter,
+) -> None:
+    """Compute rows ``start:stop`` batch by batch and store them as one npz file."""
+    images, failed = [], {}
+    for batch_start in range(start, stop, batch_size):
+        # Progress of the previous batch; the shard's last batch is reported by the caller once the
+        # shard is on disk, so a cancellation there does not throw the finished shard away.
+        if batch_start > start:
+            reporter.report(FEATURES_STAGE, batch_start, len(paths))
+        batch_stop = min(batch_start + batch_size, stop)
+        pixels, batch_failed = load_images(paths[batch_start:batch_stop], loaded.preprocess)
+        images.append(encode_images(loaded, pixels))
+        failed.update({batch_start - start + k: reason for k, reason in batch_failed.items()})
+    image = np.concatenate(images)
+    image[list(failed)] = 0.0  # their zero pixels were encoded too; such a row must not look like data
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        image=image,
+        text=encode_captions(loaded, captions[start:stop]),
+        failed_rows=np.asarray(list(failed), dtype=np.int64),
+        failed_reasons=np.asarray(list(failed.values()), dtype=str),
+    )
+    atomic_write_bytes(shard_file, buffer.getvalue())
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, 0), np.float32)
+
+
+def _projection_slots(model: torch.nn.Module) -> tuple[tuple[torch.nn.Module, str], tuple[torch.nn.Module, str]]:
+    """``(module, attribute)`` of the image and of the text projection parameter.
+
+    Supported: open_clip ``CLIP``/``CustomTextCLIP`` with a ``VisionTransformer`` image tower and a
+    ``TextTransformer`` text tower whose projections are plain (bias-free) matrices.
+    """
+    visual = getattr(model, "visual", None)
+    if isinstance(model, CLIP):
+        text_owner: torch.nn.Module | None = model
+    elif isinstance(model, CustomTextCLIP) and isinstance(model.text, TextTransformer):
+        text_owner = model.text
+    else:
+        text_owner = None
+    image_ok = isinstance(visual, VisionTransformer) and isinstance(visual.proj, torch.nn.Parameter)
+    text_ok = text_owner is not None and isinstance(text_owner.text_projection, torch.nn.Parameter)
+    if not (image_ok and text_ok):
+        text_tower = type(getattr(model, "text", None) or getattr(model, "transformer", None)).__name__
+        raise UnsupportedModelError(
+            f"{type(model).__name__} with image tower {type(visual).__name__} and text tower {text_tower} "
+            "is not supported yet: ecif needs an open_clip VisionTransformer and TextTransformer whose "
+            "projections are bias-free matrices (e.g. ViT-B-32, ViT-L-14, ecif-demo; not ResNet, timm "
+            "or Hugging Face towers)"
+        )
+    return (visual, "proj"), (text_owner, "text_projection")
+
+
+@contextmanager
+def _backbone_only(model: torch.nn.Module) -> Iterator[None]:
+    """Temporarily remove both projections, so the encoders return pre-projection features.
+
+    open_clip applies the projection only when it is not None; detaching it is exact and works for
+    every supported architecture. Not thread-safe: do not use the model elsewhere meanwhile.
+    """
+    slots = _projection_slots(model)
+    saved = [getattr(owner, attr) for owner, attr in slots]
+    for owner, attr in slots:
+        setattr(owner, attr, None)
+    try:
+        yield
+    finally:
+        for (owner, attr), parameter in zip(slots, saved):
+            setattr(owner, attr, parameter)
+
+
+def _text_width(model: torch.nn.Module) -> int:
+    (_, _), (text_owner, attr) = _projection_slots(model)
+    return int(getattr(text_owner, attr).shape[0])

@@ -1,0 +1,276 @@
+"""Loading open_clip models offline, from a checkpoint file or a locally cached pretrained tag.
+
+Nothing here touches the network: a pretrained tag is only used when its weights are already in
+the local Hugging Face or open_clip cache, and checkpoint files are read as safetensors or with
+``torch.load(weights_only=True)``, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import safetensors.torch
+import torch
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from ecif.paths import file_sha256, text_sha256
+from ecif.run import atomic_write_bytes
+
+# Registers the "ecif-demo" architecture with open_clip before any name is looked up.
+from ecif.models import configs  # noqa: F401  (imported for its side effect)
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+"""PIL image -> float tensor [3, H, W] (open_clip's evaluation transform: resize, crop, normalise)."""
+Tokenizer = Callable[[list[str]], torch.Tensor]
+"""Captions -> token ids, int64 tensor [k, context_length]."""
+
+# How many offending keys an error message lists before it says "and N more".
+_MAX_LISTED = 5
+
+# Preprocessing settings a pretrained tag may override (e.g. SigLIP's mean/std).
+_TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be built or its weights could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model ready for inference, with everything needed to feed it.
+
+    ``model_hash`` identifies the weights: the SHA-256 of the checkpoint file, or a hash of
+    ``name`` and ``pretrained`` (or of ``name`` and the random-initialisation seed, so two
+    untrained loads with one seed are the same model and share caches). Caches of
+    features computed with this model are keyed by it.
+    """
+
+    model: torch.nn.Module
+    preprocess: Preprocess
+    tokenizer: Tokenizer
+    name: str
+    checkpoint: Path | None
+    pretrained: str | None
+    model_hash: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Build open_clip architecture ``name`` (any of ``open_clip.list_models()``, or "ecif-demo").
+
+    Weights come from ``checkpoint`` (a ``.safetensors`` file, or a torch file holding a state dict
+    or ``{"state_dict": ...}``), from ``pretrained`` (an open_clip tag such as "laion2b_s34b_b79k",
+    only if already cached locally), or, when neither is given, from a seeded random
+    initialisation with ``seed``. The model is returned in eval mode on ``device``.
+
+    Raises :class:`ModelLoadError` for an unknown name, a tag that is not cached, or a checkpoint
+    that is unreadable or does not fit the architecture.
+    """
+    if checkpoint is not None and pretrained is not None:
+        raise ModelLoadError("give either a checkpoint file or a pretrained tag, not both")
+    if name not in open_clip.list_models():
+        raise ModelLoadError(_unknown_model_message(name))
+
+    preprocess_overrides: dict[str, object] = {}
+    quick_gelu = False
+    weights_file: Path | None = None
+    if checkpoint is not None:
+        weights_file = Path(checkpoint).expanduser().resolve()
+        if not weights_file.is_file():
+            raise ModelLoadError(f"checkpoint {weights_file} does not exist")
+        model_hash = file_sha256(weights_file)
+    elif pretrained is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag_cfg:
+            known = open_clip.list_pretrained_tags_by_model(name)
+            raise ModelLoadError(
+                f"unknown pretrained tag {pretrained!r} for {name!r}; known tags: {known or 'none'}"
+            )
+        weights_file = _cached_pretrained_file(name, pretrained, tag_cfg)
+        preprocess_overrides = {k: tag_cfg[k] for k in _TAG_PREPROCESS_KEYS if k in tag_cfg}
+        # open_clip only warns when a tag was trained with QuickGELU and the config lacks it; the
+        # weights are then silently wrong, so follow the tag.
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        model_hash = text_sha256(name, pretrained)
+    else:
+        model_hash = text_sha256(name, f"random-init-seed-{seed}")
+
+    # Seeded even when weights are loaded afterwards: then it costs nothing and changes nothing.
+    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(
+            name,
+            pretrained=None,
+            force_quick_gelu=quick_gelu,
+            force_preprocess_cfg=preprocess_overrides,
+            pretrained_text=False,  # hf text towers would otherwise try to download base weights
+        )
+    if weights_file is not None:
+        load_weights(model, read_state_dict(weights_file), weights_file)
+    model.to(device).eval()
+
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as error:  # hf tokenizers download their vocabulary; we are offline
+        raise ModelLoadError(f"the tokenizer of {name!r} is not available offline: {error}") from error
+    # open_clip's evaluation transform (resize, centre crop, normalise), as create_model_and_transforms builds it.
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        name=name,
+        checkpoint=weights_file if checkpoint is not None else None,
+        pretrained=pretrained,
+        model_hash=model_hash,
+    )
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, without ever unpickling arbitrary objects.
+
+    ``.safetensors`` files are read directly; anything else goes through
+    ``torch.load(weights_only=True)`` and may hold the state dict itself or ``{"state_dict": ...}``.
+    A ``module.`` prefix (left by DataParallel/DDP) is stripped from every key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(
+            f"checkpoint {path} holds more than plain tensors and ecif refuses to unpickle it "
+            f"(it could run code); re-save its state dict with safetensors or torch.save: {error}"
+        ) from error
+    except Exception as error:
+        raise ModelLoadError(f"cannot read checkpoint {path}: {error}") from error
+
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise ModelLoadError(f"checkpoint {path} does not contain a state dict")
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ModelLoadError(
+            f"checkpoint {path} is not a plain state dict: {_listed(not_tensors)} are not tensors"
+        )
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Copy ``state`` into ``model``; every key and shape must match (``source`` names the file in errors)."""
+    expected = model.state_dict()
+    state = dict(state)
+    # Older checkpoints store the logit scale/bias as [1] where the model has [] (or the reverse).
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and key in expected and state[key].numel() == expected[key].numel():
+            state[key] = state[key].reshape(expected[key].shape)
+
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key} (file {tuple(state[key].shape)}, model {tuple(expected[key].shape)})"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = []
+    if wrong_shape:
+        problems.append(f"wrong shapes: {_listed(wrong_shape)}")
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if problems:
+        raise ModelLoadError(
+            f"checkpoint {source} does not fit this architecture ({len(expected)} tensors expected); "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s state dict as safetensors (atomically), loadable by :func:`load_model`."""
+    path = Path(path)
+    # safetensors refuses tensors that share storage or are views; plain contiguous copies are safe.
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
+    atomic_write_bytes(path, safetensors.torch.save(tensors))
+    return path
+
+
+def _cached_pretrained_file(name: str, tag: str, tag_cfg: Mapping[str, object]) -> Path:
+    """The local file of an open_clip pretrained tag, looked up in the caches without any download."""
+    hf_hub = str(tag_cfg.get("hf_hub") or "")
+    if hf_hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hf_hub)
+        filename = filename or HF_WEIGHTS_NAME
+        # open_clip prefers a safetensors sibling of the pickled file when the repository has one.
+        candidates = [HF_SAFE_WEIGHTS_NAME, str(Path(filename).with_suffix(".safetensors")), filename]
+        for candidate in dict.fromkeys(candidates):
+            cached = try_to_load_from_cache(repo_id, candidate)
+            if isinstance(cached, str) and Path(cached).is_file():
+                return Path(cached)
+    url = str(tag_cfg.get("url") or "")
+    if url:
+        cached_file = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+        if cached_file.is_file():
+            return cached_file
+    raise ModelLoadError(
+        f"pretrained weights {tag!r} for {name!r} are not in the local cache and this machine is "
+        "offline; download the checkpoint file elsewhere and pass --checkpoint PATH"
+    )
+
+
+@contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """Hide open_clip's "Model initialized randomly" warning: we either load the weights ourselves
+    right after, or want a random initialisation (demo training, tests)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _unknown_model_message(name: str) -> str:
+    close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    return (
+        f"unknown model {name!r}{hint} "
+        f"(see open_clip.list_models() for all {len(open_clip.list_models())} architectures; "
+        "'hf-hub:' names need the network and are not supported)"
+    )
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")

@@ -1,0 +1,126 @@
+"""A run folder: everything one scoring run produced, and the curator's decisions about it.
+
+Layout (every file is written atomically, so a killed job never leaves a half-written artefact)::
+
+    RUN/
+      run.json                settings, model and manifest hashes, finished stages (reproduces the run)
+      manifest.parquet        the valid manifest rows (canonical columns + extras), row order = ``row``
+      bad_rows.parquet        rows the loader skipped: row, uid, filepath, reason
+      classes.json            zero-shot classes and their prompts (when the data has labels)
+      features.npz            backbone features: image [N, d_img], text [N, d_txt], prompts [K, d_txt]
+      prompts.npz             backbone features of the zero-shot class prompts
+      heads.safetensors       fine-tuned influence scope θ̂ and the starting heads θ₀
+      finetune.json           convergence report of the fine-tuning (gradient norm, eigenvalue, ...)
+      curvature.safetensors   the factorised curvature (dense Cholesky factor or EK-FAC factors)
+      embeddings.npz          fine-tuned unit embeddings: image [N, e], text [N, e] (faiss, 2-D map)
+      scores.parquet          one row per training pair: influence columns and baselines
+      mispredictions.parquet  test/val items with zero-shot prediction (correct or not)
+      index/                  faiss indexes and the row→uid map
+      thumbs/                 thumbnails, made once
+      decisions.sqlite        the curator's decisions (WAL; survives a killed server)
+      edited/                 the closed-form edited checkpoint (model.safetensors) and edit.json
+      job.json                progress of the background job that fills this folder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.parquet"
+BAD_ROWS_FILE = "bad_rows.parquet"
+CLASSES_FILE = "classes.json"
+FEATURES_FILE = "features.npz"
+HEADS_FILE = "heads.safetensors"
+FINETUNE_FILE = "finetune.json"
+EMBEDDINGS_FILE = "embeddings.npz"
+SCORES_FILE = "scores.parquet"
+MISPREDICTIONS_FILE = "mispredictions.parquet"
+INDEX_DIR = "index"
+THUMBS_DIR = "thumbs"
+DECISIONS_FILE = "decisions.sqlite"
+JOB_FILE = "job.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(temporary, index=False)
+    os.replace(temporary, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+
+
+class Run:
+    """Paths and cached artefacts of one run folder. Cheap to construct; loads lazily."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory).expanduser().resolve()
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Contents of ``run.json`` (empty dict before the run starts)."""
+        return read_json(self.path(RUN_FILE), {})
+
+    def update_info(self, **fields: Any) -> dict[str, Any]:
+        info = self.info
+        info.update(fields)
+        atomic_write_json(self.path(RUN_FILE), info)
+        return info
+
+    def has(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    @property
+    def is_scored(self) -> bool:
+        return self.has(SCORES_FILE)
+
+    def manifest(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path(MANIFEST_FILE))
+
+    def bad_rows(self) -> pd.DataFrame:
+        if not self.has(BAD_ROWS_FILE):
+            return pd.DataFrame(columns=["row", "uid", "filepath", "reason"])
+        return pd.read_parquet(self.path(BAD_ROWS_FILE))
+
+    def scores(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path(SCORES_FILE))
+
+    def mispredictions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path(MISPREDICTIONS_FILE))
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.directory)!r})"

@@ -1,0 +1,178 @@
+"""The in-memory state of a scored run: the fine-tuned heads, the problem and the curvature solver.
+
+Trace-back and edits need the same objects the scoring stage built.  :func:`load_engine` rebuilds
+them from the run folder (features, heads, settings) once per process and keeps them, so that a
+second query in the app or the command line costs one solve and one forward pass, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ecif.curvature.solvers import CurvatureConfig, CurvatureSolver, build_solver, load_solver, save_solver
+from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope
+from ecif.influence.test_functions import ZeroShotPrompts, validation_loss
+from ecif.models.heads import FinetuneConfig
+from ecif.paths import text_sha256
+from ecif.run import FEATURES_FILE, HEADS_FILE, Run
+
+PROMPTS_FILE = "prompts.npz"
+CURVATURE_FILE = "curvature.safetensors"
+
+
+def save_heads(path: Path, scope: HeadsScope, theta: Tensor, theta0: Tensor) -> None:
+    """``θ̂`` and ``θ₀`` with the scope's shape in the safetensors metadata."""
+    metadata = {
+        "image_dim": str(scope.image_dim),
+        "text_dim": str(scope.text_dim),
+        "embed_dim": str(scope.embed_dim),
+        "log_logit_scale": repr(scope.log_logit_scale),
+        "learn_logit_scale": str(int(scope.learn_logit_scale)),
+    }
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file({"theta": theta.contiguous(), "theta0": theta0.contiguous()}, str(temporary), metadata=metadata)
+    temporary.replace(path)
+
+
+def load_heads(path: Path) -> tuple[HeadsScope, Tensor, Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    scope = HeadsScope(
+        int(metadata["image_dim"]),
+        int(metadata["text_dim"]),
+        int(metadata["embed_dim"]),
+        float(metadata["log_logit_scale"]),
+        bool(int(metadata["learn_logit_scale"])),
+    )
+    return scope, tensors["theta"], tensors["theta0"]
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> np.ndarray:
+    """Manifest rows of one split, in row order."""
+    return np.flatnonzero(manifest["split"].astype(str).to_numpy() == split)
+
+
+@dataclass
+class Engine:
+    """A scored run's maths objects.  Rows of ``problem`` are ``train_rows`` of the manifest."""
+
+    run: Run
+    scope: HeadsScope
+    theta: Tensor
+    theta0: Tensor
+    manifest: pd.DataFrame
+    image: np.ndarray
+    text: np.ndarray
+    train_rows: np.ndarray
+    trusted_rows: np.ndarray
+    prompts: ZeroShotPrompts | None
+    finetune: FinetuneConfig
+    curvature: CurvatureConfig
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @cached_property
+    def problem(self) -> HeadsProblem:
+        data = ContrastiveData.from_arrays(
+            self.image[self.train_rows], self.text[self.train_rows], self.finetune.batch_size, self.finetune.batch_seed
+        )
+        return HeadsProblem(self.scope, data, self.theta0, self.finetune.delta)
+
+    @cached_property
+    def trusted_data(self) -> ContrastiveData:
+        return ContrastiveData.from_arrays(
+            self.image[self.trusted_rows],
+            self.text[self.trusted_rows],
+            self.finetune.batch_size,
+            self.finetune.batch_seed,
+        )
+
+    def trusted_loss(self):
+        return validation_loss(self.scope, self.trusted_data)
+
+    @property
+    def curvature_fingerprint(self) -> str:
+        """Identifies the problem a stored solver was factorised for (heads file + settings)."""
+        heads = self.run.path(HEADS_FILE)
+        return text_sha256(str(heads.stat().st_mtime_ns), json.dumps(self.curvature.to_dict(), sort_keys=True))[:24]
+
+    @property
+    def solver(self) -> CurvatureSolver:
+        """Loaded from ``RUN/curvature.safetensors`` when stored, else built (and stored) on first use."""
+        with self._lock:
+            if "_solver" not in self.__dict__:
+                path = self.run.path(CURVATURE_FILE)
+                solver = load_solver(path, self.curvature_fingerprint)
+                if solver is None:
+                    solver = build_solver(self.problem, self.theta, self.curvature)
+                    save_solver(solver, path, self.curvature_fingerprint)
+                self.__dict__["_solver"] = solver
+            return self.__dict__["_solver"]
+
+    def problem_index(self, rows: list[int] | np.ndarray) -> np.ndarray:
+        """Manifest rows → positions in the training problem (error for rows not in training)."""
+        lookup = {int(row): position for position, row in enumerate(self.train_rows)}
+        missing = [int(row) for row in rows if int(row) not in lookup]
+        if missing:
+            raise ValueError(f"rows {missing[:10]} are not training pairs of this run")
+        return np.asarray([lookup[int(row)] for row in rows], dtype=np.int64)
+
+    def image_tensor(self, rows: np.ndarray) -> Tensor:
+        return torch.as_tensor(self.image[rows], dtype=torch.float64)
+
+
+_ENGINES: dict[tuple[str, float], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def load_engine(run: Run | str | Path) -> Engine:
+    """The engine of a run whose fine-tuning stage has finished (cached per process)."""
+    run = run if isinstance(run, Run) else Run(run)
+    heads_path = run.path(HEADS_FILE)
+    if not heads_path.exists():
+        raise FileNotFoundError(f"{run.directory} has no fine-tuned heads yet; run `ecif score` first")
+    key = (str(run.directory), heads_path.stat().st_mtime)
+    with _ENGINES_LOCK:
+        if key in _ENGINES:
+            return _ENGINES[key]
+    info = run.info
+    scope, theta, theta0 = load_heads(heads_path)
+    manifest = run.manifest()
+    with np.load(run.path(FEATURES_FILE)) as features:
+        image, text = features["image"].astype(np.float64), features["text"].astype(np.float64)
+    prompts = None
+    if run.has(PROMPTS_FILE):
+        with np.load(run.path(PROMPTS_FILE), allow_pickle=False) as stored:
+            prompts = ZeroShotPrompts.from_arrays(stored["features"], stored["class_index"], stored["names"].tolist())
+    settings = info.get("settings", {})
+    engine = Engine(
+        run=run,
+        scope=scope,
+        theta=theta,
+        theta0=theta0,
+        manifest=manifest,
+        image=image,
+        text=text,
+        train_rows=split_rows(manifest, "train"),
+        trusted_rows=split_rows(manifest, settings.get("trusted_split", "val")),
+        prompts=prompts,
+        finetune=FinetuneConfig(**settings.get("finetune", {})),
+        curvature=CurvatureConfig(**settings.get("curvature", {})),
+    )
+    with _ENGINES_LOCK:
+        _ENGINES.clear()  # one run at a time per process: the dense solver can be large
+        _ENGINES[key] = engine
+    return engine
+

@@ -1,0 +1,108 @@
+"""Data evaluation (ECIF_METHOD §7): every training pair's influence on the trusted set, with baselines.
+
+Sign convention: ``influence`` is the predicted change of the trusted-set contrastive loss if the
+pair is removed.  Negative = removing it lowers the loss = **harmful**; positive = **valuable**.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ecif.influence.objective import clip_scores, embed, pair_losses
+from ecif.influence.scores import PairInfluence, influence_on, self_influence, gradient_of
+from ecif.progress import Reporter, as_reporter
+from ecif.run import EMBEDDINGS_FILE, Run
+from ecif.tasks.engine import Engine, load_engine
+
+INFLUENCE_COLUMNS = (
+    "influence",
+    "influence_pos",
+    "influence_neg",
+    "influence_first_order",
+    "influence_pos_only",
+    "self_influence",
+)
+BASELINE_COLUMNS = ("clip_score", "loss")
+CARRIED_COLUMNS = ("uid", "filepath", "caption", "split", "label")
+
+
+def influence_table(engine: Engine, influence: PairInfluence) -> pd.DataFrame:
+    """The influence columns for the training rows, in training order."""
+    return pd.DataFrame(
+        {
+            "row": engine.train_rows,
+            "influence": influence.influence,
+            "influence_pos": influence.influence_pos,
+            "influence_neg": influence.influence_neg,
+            "influence_first_order": influence.influence_first_order,
+            "influence_pos_only": influence.influence_pos_only,
+        }
+    )
+
+
+def suggested_actions(scores: pd.DataFrame, harmful_fraction: float = 0.05) -> pd.Series:
+    """A proposal per pair from its scores: the most harmful ``harmful_fraction`` → "drop" when its
+    caption is a poor match for its image (low CLIP-score, for the model the pair was badly
+    captioned) else "relabel"; everything else "keep".  A suggestion only: the curator decides."""
+    n_flag = max(1, int(round(harmful_fraction * len(scores))))
+    flagged = scores["rank"] <= n_flag
+    weak_match = scores["clip_score"] < scores["clip_score"].median()
+    actions = np.where(flagged & weak_match, "relabel", np.where(flagged, "drop", "keep"))
+    return pd.Series(actions, index=scores.index, name="suggested_action")
+
+
+def score_training_pairs(
+    run: Run | str,
+    test_function: Callable[[Tensor], Tensor] | None = None,
+    reporter: Reporter | None = None,
+) -> pd.DataFrame:
+    """The scores table (one row per training pair, most harmful first by ``rank``).
+
+    ``test_function`` is any differentiable ``θ → scalar``; the default is the trusted split's
+    contrastive loss.  Columns: ``row`` (manifest row), carried manifest columns and extras,
+    ``influence`` (+ ``_pos``/``_neg`` parts, ``_first_order``, ``_pos_only``), ``self_influence``,
+    ``clip_score``, ``loss``, ``rank`` (1 = most harmful) and ``suggested_action``.
+    """
+    reporter = as_reporter(reporter)
+    engine = load_engine(run)
+    problem, theta = engine.problem, engine.theta
+    function = test_function or engine.trusted_loss()
+    reporter.report("scores", 0, 3)
+    influence = influence_on(problem, theta, engine.solver, gradient_of(function, theta))
+    table = influence_table(engine, influence)
+    reporter.report("scores", 1, 3)
+    table["self_influence"] = self_influence(problem, theta, engine.solver, reporter)
+    reporter.report("scores", 2, 3)
+    with torch.no_grad():
+        table["clip_score"] = clip_scores(engine.scope, theta, problem.data.image, problem.data.text).numpy()
+        table["loss"] = pair_losses(engine.scope, theta, problem.data).numpy()
+    table["rank"] = table["influence"].rank(method="first").astype(int)
+    table["suggested_action"] = suggested_actions(table)
+    manifest = engine.manifest
+    carried = [c for c in manifest.columns if c not in table.columns and c != "source_row"]
+    table = pd.concat([table, manifest.loc[table["row"], carried].reset_index(drop=True)], axis=1)
+    ordered = ["row", *[c for c in CARRIED_COLUMNS if c in table.columns]]
+    ordered += [c for c in table.columns if c not in ordered]
+    reporter.report("scores", 3, 3)
+    return table[ordered].sort_values("rank").reset_index(drop=True)
+
+
+def write_embeddings(run: Run | str) -> None:
+    """Fine-tuned unit embeddings of every manifest row (for nearest neighbours and the 2-D map)."""
+    engine = load_engine(run)
+    with torch.no_grad():
+        u, v, _ = embed(
+            engine.scope,
+            engine.theta,
+            torch.as_tensor(engine.image, dtype=torch.float64),
+            torch.as_tensor(engine.text, dtype=torch.float64),
+        )
+    path = engine.run.path(EMBEDDINGS_FILE)
+    temporary = path.with_name(".embeddings.tmp.npz")
+    np.savez(temporary, image=u.numpy().astype(np.float32), text=v.numpy().astype(np.float32))
+    temporary.replace(path)

@@ -1,0 +1,311 @@
+"""The whole scoring run, stage by stage, each stage cached in the run folder.
+
+``run_pipeline`` is what ``ecif score``, ``ecif demo`` and the app's background job all call.
+Stages (names as reported to the progress callback): data → demo model → features → fine-tune →
+curvature → scores → mispredictions → index → thumbnails.  A stage that finished is recorded in
+``run.json`` and skipped next time, so a cancelled or killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ecif.curvature.solvers import CurvatureConfig
+from ecif.paths import cache_dir, text_sha256
+from ecif.progress import Reporter, as_reporter
+from ecif.run import (
+    BAD_ROWS_FILE,
+    CLASSES_FILE,
+    EMBEDDINGS_FILE,
+    FEATURES_FILE,
+    FINETUNE_FILE,
+    HEADS_FILE,
+    MANIFEST_FILE,
+    MISPREDICTIONS_FILE,
+    SCORES_FILE,
+    Run,
+    atomic_write_json,
+    atomic_write_parquet,
+)
+from ecif.models.heads import FinetuneConfig
+
+DEMO_MODEL_NAME = "ecif-demo"
+
+
+@dataclass
+class DemoDataConfig:
+    """The built-in demo data set generated when no manifest is given."""
+
+    name: str = "shapes"
+    n: int = 3000
+    noise: float = 0.1
+    corruption: str = "random-caption"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a scoring run.
+
+    ``manifest=None`` generates the built-in demo data inside the run folder.  ``model="demo"``
+    trains the small ``ecif-demo`` open_clip model on the manifest's train split (cached); any
+    other open_clip model name needs a local ``checkpoint`` (or an already-cached ``pretrained`` tag).
+    ``trusted_split`` is the clean validation set the influence is measured on; ``test_split`` is
+    scanned for mispredictions.
+    """
+
+    run_dir: Path
+    manifest: Path | None = None
+    model: str = "demo"
+    checkpoint: Path | None = None
+    pretrained: str | None = None
+    trusted_split: str = "val"
+    test_split: str = "test"
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that determine the results (recorded in run.json, compared on resume)."""
+        return {
+            "manifest": str(self.manifest) if self.manifest else None,
+            "model": self.model,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "pretrained": self.pretrained,
+            "trusted_split": self.trusted_split,
+            "test_split": self.test_split,
+            "demo": asdict(self.demo) if self.manifest is None else None,
+            "finetune": self.finetune.to_dict(),
+            "curvature": self.curvature.to_dict(),
+        }
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, settings: dict[str, Any]) -> RunConfig:
+        return cls(
+            run_dir=Path(run_dir),
+            manifest=Path(settings["manifest"]) if settings.get("manifest") else None,
+            model=settings.get("model", "demo"),
+            checkpoint=Path(settings["checkpoint"]) if settings.get("checkpoint") else None,
+            pretrained=settings.get("pretrained"),
+            trusted_split=settings.get("trusted_split", "val"),
+            test_split=settings.get("test_split", "test"),
+            demo=DemoDataConfig(**(settings.get("demo") or {})),
+            finetune=FinetuneConfig(**settings.get("finetune", {})),
+            curvature=CurvatureConfig(**settings.get("curvature", {})),
+        )
+
+
+class RunSettingsMismatch(ValueError):
+    """The run folder already holds a run made with other settings."""
+
+
+STAGES = ("data", "demo model", "features", "fine-tune", "curvature", "scores", "mispredictions", "index", "thumbnails")
+
+
+def default_demo_run_dir() -> Path:
+    return cache_dir() / "runs" / "demo"
+
+
+def _stage(run: Run, name: str, reporter: Reporter, work: Callable[[], dict | None]) -> None:
+    """Run ``work`` unless ``run.json`` says the stage finished; record its summary when it does."""
+    stages = run.info.get("stages", {})
+    if stages.get(name, {}).get("done"):
+        reporter.report(name, 1, 1)
+        return
+    started = time.perf_counter()
+    reporter.report(name, 0, 0)
+    summary = work() or {}
+    stages = run.info.get("stages", {})
+    stages[name] = {"done": True, "seconds": round(time.perf_counter() - started, 3), **summary}
+    run.update_info(stages=stages)
+    reporter.report(name, 1, 1)
+
+
+def _model_location(config: RunConfig, run: Run) -> tuple[str, Path | None]:
+    if config.model == "demo":
+        return DEMO_MODEL_NAME, Path(run.info["demo_checkpoint"])
+    return config.model, config.checkpoint
+
+
+def load_run_model(run: Run):
+    """The run's open_clip model (demo checkpoint or the user's), as recorded in run.json."""
+    from ecif.models.open_clip_models import load_model
+
+    info = run.info
+    return load_model(info["model_name"], checkpoint=info.get("model_checkpoint"), pretrained=info["settings"].get("pretrained"))
+
+
+def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after: str | None = None) -> Run:
+    """Fill ``config.run_dir`` with a scored run (resuming finished stages) and return it.
+
+    ``stop_after`` names a stage of :data:`STAGES` to stop after (e.g. "fine-tune").
+    """
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"unknown stage {stop_after!r}; stages are {', '.join(STAGES)}")
+    from ecif.data import load_manifest, make_demo_data, make_thumbnails
+    from ecif.models.demo import train_demo_model
+    from ecif.models.features import compute_features, encode_prompts
+    from ecif.models.open_clip_models import load_model
+
+    reporter = as_reporter(reporter)
+    run = Run(config.run_dir)
+    run.directory.mkdir(parents=True, exist_ok=True)
+    settings = config.settings()
+    previous = run.info.get("settings")
+    if previous is not None and previous != json.loads(json.dumps(settings, default=str)):
+        raise RunSettingsMismatch(
+            f"{run.directory} holds a run made with other settings; choose a new --out folder "
+            "or delete this one"
+        )
+    if previous is None:
+        run.update_info(settings=settings, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ecif_version="0.1.0")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    loaded_manifest = {}
+
+    def manifest_path() -> Path:
+        if config.manifest is not None:
+            return Path(config.manifest)
+        demo = config.demo
+        target = run.directory / "data"
+        manifest = target / "manifest.csv"
+        if not manifest.exists():
+            make_demo_data(demo.name, target, n=demo.n, noise=demo.noise, corruption=demo.corruption, seed=demo.seed, reporter=reporter)
+        return manifest
+
+    def get_manifest():
+        if "value" not in loaded_manifest:
+            loaded_manifest["value"] = load_manifest(manifest_path(), reporter=reporter)
+        return loaded_manifest["value"]
+
+    def data_stage() -> dict:
+        loaded = get_manifest()
+        frame = loaded.frame.reset_index(drop=True)
+        if not (frame["split"] == "train").any():
+            raise ValueError(f"{loaded.path}: no rows with split 'train'; nothing to score")
+        if not (frame["split"] == config.trusted_split).any():
+            raise ValueError(
+                f"{loaded.path}: no rows with split {config.trusted_split!r} to use as the trusted set; "
+                "add a split column or choose another --trusted-split"
+            )
+        atomic_write_parquet(run.path(MANIFEST_FILE), frame)
+        atomic_write_parquet(run.path(BAD_ROWS_FILE), loaded.bad_rows)
+        if loaded.classes is not None:
+            loaded.classes.save(run.path(CLASSES_FILE))
+        run.update_info(manifest_path=str(loaded.path), manifest_sha256=loaded.sha256)
+        return {"rows": int(len(frame)), "bad_rows": int(len(loaded.bad_rows))}
+
+    def demo_model_stage() -> dict:
+        if config.model != "demo":
+            return {"skipped": True}
+        checkpoint = train_demo_model(get_manifest(), reporter=reporter)
+        run.update_info(demo_checkpoint=str(checkpoint))
+        return {"checkpoint": str(checkpoint)}
+
+    def features_stage() -> dict:
+        name, checkpoint = _model_location(config, run)
+        loaded = load_model(name, checkpoint=checkpoint, pretrained=config.pretrained)
+        run.update_info(model_name=name, model_checkpoint=str(checkpoint) if checkpoint else None, model_hash=loaded.model_hash)
+        manifest = run.manifest()
+        features = compute_features(loaded, manifest, reporter=reporter)
+        if features.failed:
+            failed_rows = sorted(features.failed)
+            bad = run.bad_rows()
+            extra = pd.DataFrame(
+                {
+                    "row": manifest.loc[failed_rows, "source_row"].to_numpy(),
+                    "uid": manifest.loc[failed_rows, "uid"].to_numpy(),
+                    "filepath": manifest.loc[failed_rows, "filepath"].to_numpy(),
+                    "reason": [features.failed[row] for row in failed_rows],
+                }
+            )
+            atomic_write_parquet(run.path(BAD_ROWS_FILE), pd.concat([bad, extra], ignore_index=True))
+            keep = np.setdiff1d(np.arange(len(manifest)), failed_rows)
+            atomic_write_parquet(run.path(MANIFEST_FILE), manifest.iloc[keep].reset_index(drop=True))
+            features = dataclasses.replace(features, image=features.image[keep], text=features.text[keep])
+        np.savez(run.path(FEATURES_FILE), image=features.image, text=features.text)
+        if run.has(CLASSES_FILE):
+            from ecif.data import ZeroShotClasses
+            from ecif.tasks.engine import PROMPTS_FILE
+
+            classes = ZeroShotClasses.load(run.path(CLASSES_FILE))
+            prompts = encode_prompts(loaded, classes.names, classes.prompts)
+            np.savez(run.path(PROMPTS_FILE), features=prompts.features, class_index=prompts.class_index, names=np.asarray(prompts.names))
+        return {"image_dim": int(features.image.shape[1]), "text_dim": int(features.text.shape[1]), "unreadable": len(features.failed)}
+
+    def finetune_stage() -> dict:
+        from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope
+        from ecif.models.features import get_heads
+        from ecif.models.heads import finetune_heads
+        from ecif.tasks.engine import save_heads, split_rows
+
+        name, checkpoint = _model_location(config, run)
+        heads = get_heads(load_model(name, checkpoint=checkpoint, pretrained=config.pretrained).model)
+        scope = HeadsScope(
+            heads.image.shape[0], heads.text.shape[0], heads.image.shape[1], heads.log_logit_scale, config.finetune.learn_logit_scale
+        )
+        theta0 = scope.join(torch.as_tensor(heads.image), torch.as_tensor(heads.text), heads.log_logit_scale)
+        with np.load(run.path(FEATURES_FILE)) as stored:
+            image, text = stored["image"], stored["text"]
+        rows = split_rows(run.manifest(), "train")
+        data = ContrastiveData.from_arrays(image[rows], text[rows], config.finetune.batch_size, config.finetune.batch_seed)
+        theta, report = finetune_heads(HeadsProblem(scope, data, theta0, config.finetune.delta), config=config.finetune, reporter=reporter)
+        save_heads(run.path(HEADS_FILE), scope, theta, theta0)
+        atomic_write_json(run.path(FINETUNE_FILE), report.to_dict())
+        for warning in report.warnings:
+            reporter.report(f"fine-tune warning: {warning}", 1, 1)
+        return {"gradient_norm": report.gradient_norm, "converged": report.converged}
+
+    def curvature_stage() -> dict:
+        from ecif.tasks.engine import load_engine
+
+        engine = load_engine(run)
+        return engine.solver.describe()
+
+    def scores_stage() -> dict:
+        from ecif.tasks.evaluate import score_training_pairs, write_embeddings
+
+        write_embeddings(run)
+        scores = score_training_pairs(run, reporter=reporter)
+        atomic_write_parquet(run.path(SCORES_FILE), scores)
+        return {"pairs": int(len(scores))}
+
+    def mispredictions_stage() -> dict:
+        from ecif.tasks.trace import zero_shot_table
+
+        table = zero_shot_table(run, splits=[config.test_split, config.trusted_split])
+        atomic_write_parquet(run.path(MISPREDICTIONS_FILE), table)
+        return {"items": int(len(table)), "wrong": int((~table["correct"]).sum()) if len(table) else 0}
+
+    def index_stage() -> dict:
+        try:
+            from ecif.index import build_run_index
+        except ImportError:
+            return {"skipped": "no index module"}
+        build_run_index(run, reporter=reporter)
+        return {}
+
+    def thumbnails_stage() -> dict:
+        return {"made": int(make_thumbnails(run, reporter=reporter) or 0)}
+
+    for name, work in zip(
+        STAGES,
+        (data_stage, demo_model_stage, features_stage, finetune_stage, curvature_stage, scores_stage, mispredictions_stage, index_stage, thumbnails_stage),
+    ):
+        _stage(run, name, reporter, work)
+        if name == stop_after:
+            return run
+    run.update_info(
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        settings_hash=text_sha256(json.dumps(settings, sort_keys=True, default=str))[:16],
+    )
+    return run

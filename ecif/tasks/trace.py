@@ -1,0 +1,124 @@
+"""Misprediction trace-back (ECIF_METHOD §7): which training pairs pushed the model to a wrong answer.
+
+For a test item (an image with a true class, scored zero-shot against class prompts) the test
+function is its cross-entropy.  A training pair's influence on it is the predicted change of that
+loss if the pair is removed: **culprits** have negative influence (removing them would fix the
+item), **supporters** positive (they hold up the right answer).  The default ranking is the
+relative score ``Δφ_n / ‖Δθ_n‖_H`` (RelatIF) so that a few high-leverage pairs do not top every query.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ecif.influence.scores import euclidean_step_norms, influence_on, relative_influence, gradient_of
+from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
+from ecif.run import Run
+from ecif.tasks.engine import Engine, load_engine, split_rows
+from ecif.tasks.evaluate import influence_table
+
+
+def _class_index(engine: Engine, labels: pd.Series) -> np.ndarray:
+    if engine.prompts is None:
+        raise ValueError(f"{engine.run.directory} has no zero-shot classes (the manifest has no labels)")
+    lookup = {name: position for position, name in enumerate(engine.prompts.names)}
+    return np.asarray([lookup.get(str(label), -1) if not pd.isna(label) else -1 for label in labels])
+
+
+def zero_shot_table(run: Run | str, splits: list[str]) -> pd.DataFrame:
+    """Zero-shot predictions of every labelled item of ``splits`` under the fine-tuned heads.
+
+    Columns: ``row``, ``uid``, ``filepath``, ``caption``, ``split``, ``label`` (true class),
+    ``predicted``, ``prob_true``, ``prob_predicted``, ``loss`` (nats), ``correct``.  Wrong first.
+    """
+    engine = load_engine(run)
+    columns = ["row", "uid", "filepath", "caption", "split", "label", "predicted", "prob_true", "prob_predicted", "loss", "correct"]
+    if engine.prompts is None:
+        return pd.DataFrame(columns=columns)
+    rows = np.concatenate([split_rows(engine.manifest, split) for split in dict.fromkeys(splits)])
+    items = engine.manifest.iloc[rows]
+    classes = _class_index(engine, items["label"])
+    rows, items, classes = rows[classes >= 0], items[classes >= 0], classes[classes >= 0]
+    with torch.no_grad():
+        logits = zero_shot_logits(engine.scope, engine.theta, engine.image_tensor(rows), engine.prompts)
+        probabilities = torch.softmax(logits, dim=1).numpy()
+    predicted = probabilities.argmax(axis=1)
+    names = np.asarray(engine.prompts.names, dtype=object)
+    positions = np.arange(len(rows))
+    table = pd.DataFrame(
+        {
+            "row": rows,
+            "uid": items["uid"].to_numpy(),
+            "filepath": items["filepath"].to_numpy(),
+            "caption": items["caption"].to_numpy(),
+            "split": items["split"].to_numpy(),
+            "label": names[classes],
+            "predicted": names[predicted],
+            "prob_true": probabilities[positions, classes],
+            "prob_predicted": probabilities[positions, predicted],
+            "loss": -np.log(np.maximum(probabilities[positions, classes], 1e-300)),
+            "correct": predicted == classes,
+        }
+    )
+    return table.sort_values(["correct", "loss"], ascending=[True, False]).reset_index(drop=True)
+
+
+def trace(
+    run: Run | str,
+    uid: str,
+    top_k: int = 20,
+    relative: bool = True,
+    norm: Literal["hessian", "euclidean"] = "hessian",
+) -> pd.DataFrame:
+    """Culprits and supporters of one labelled item's zero-shot loss.
+
+    Returns ``2·top_k`` training rows: the ``top_k`` culprits (most negative score first) then the
+    ``top_k`` supporters (most positive first), with ``role``, ``influence`` (predicted change of the
+    item's loss in nats if the pair is removed), ``influence_pos``/``influence_neg``,
+    ``relative_influence`` and the pair's manifest columns.  ``relative=False`` ranks by ``influence``.
+    """
+    engine = load_engine(run)
+    matches = np.flatnonzero(engine.manifest["uid"].astype(str).to_numpy() == str(uid))
+    if not len(matches):
+        raise KeyError(f"no item with uid {uid!r} in {engine.run.directory}")
+    row = int(matches[0])
+    label = _class_index(engine, engine.manifest.iloc[[row]]["label"])[0]
+    if label < 0:
+        raise ValueError(f"item {uid!r} has no label among the zero-shot classes; trace needs a true class")
+    function = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray([row])), torch.tensor([label]), engine.prompts)
+    influence = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(function, engine.theta))
+    table = influence_table(engine, influence)
+    if norm == "hessian":
+        step_norms = np.sqrt(np.maximum(_self_influence(engine) / engine.problem.data.normaliser, 0.0))
+    else:
+        step_norms = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
+    table["relative_influence"] = relative_influence(table["influence"].to_numpy(), step_norms)
+    key = "relative_influence" if relative else "influence"
+    culprits = table.nsmallest(top_k, key).assign(role="culprit")
+    supporters = table.nlargest(top_k, key).assign(role="supporter")
+    result = pd.concat([culprits, supporters], ignore_index=True)
+    manifest_columns = [c for c in engine.manifest.columns if c not in result.columns and c != "source_row"]
+    details = engine.manifest.loc[result["row"], manifest_columns].reset_index(drop=True)
+    return pd.concat([result, details], axis=1)
+
+
+def _self_influence(engine: Engine) -> np.ndarray:
+    """Self-influence per training pair, from the scores table when scoring has finished."""
+    run = engine.run
+    if run.is_scored:
+        scores = run.scores().set_index("row")
+        return scores.loc[engine.train_rows, "self_influence"].to_numpy()
+    from ecif.influence.scores import self_influence
+
+    return self_influence(engine.problem, engine.theta, engine.solver)
+
+
+def mispredictions(run: Run | str) -> pd.DataFrame:
+    """The labelled test/trusted items the model gets wrong (from the run's cached table)."""
+    run = run if isinstance(run, Run) else Run(run)
+    table = run.mispredictions()
+    return table[~table["correct"]].reset_index(drop=True)

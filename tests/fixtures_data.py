@@ -1,0 +1,87 @@
+"""Small on-disk datasets for the data tests: real PNGs, known captions, and deliberately broken rows.
+
+Plain helpers (no pytest magic) so any test module can import them; the shared demo dataset is a
+pytest fixture that ``conftest.py`` may expose to every module with ``pytest_plugins``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ecif.data import make_demo_data
+
+TINY_COLOURS = [(220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 210, 40), (150, 60, 200), (245, 140, 30)]
+TINY_LABELS = ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+def write_png(
+    path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (16, 16)
+) -> Path:
+    """A solid-colour PNG of ``size`` (width, height) pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format="PNG")
+    return path
+
+
+def write_tiny_images(folder: Path, subfolder: str = "images") -> pd.DataFrame:
+    """Six solid-colour images under ``folder/subfolder``; returns their records.
+
+    Columns: ``uid`` (the image stem), ``filename`` (relative to ``folder``), ``caption``, ``label``.
+    """
+    records = []
+    for index, (colour, label) in enumerate(zip(TINY_COLOURS, TINY_LABELS, strict=True)):
+        relative = f"{subfolder}/img{index}.png" if subfolder else f"img{index}.png"
+        write_png(folder / relative, colour)
+        records.append(
+            {"uid": f"img{index}", "filename": relative, "caption": f"a {label} square", "label": label}
+        )
+    return pd.DataFrame(records)
+
+
+@dataclass
+class BadManifest:
+    """A CSV manifest with exactly four bad rows among eight (rows counted from 1, header excluded)."""
+
+    path: Path
+    good_uids: list[str]
+    bad: dict[int, tuple[str, str]]
+    """row -> (uid, the reason's expected start)."""
+
+
+def write_bad_manifest(folder: Path) -> BadManifest:
+    """Rows 1-4 good; 5 missing file; 6 corrupt image; 7 empty caption; 8 duplicate of row 2's uid."""
+    for index in range(5):
+        write_png(folder / f"ok{index}.png", TINY_COLOURS[index])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    rows = [
+        ("a", "ok0.png", "a red square"),
+        ("b", "ok1.png", "a green square"),
+        ("c", "ok2.png", "a blue square"),
+        ("d", "ok3.png", "a yellow square"),
+        ("e", "gone.png", "a missing square"),
+        ("f", "corrupt.png", "a broken square"),
+        ("g", "ok4.png", ""),
+        ("b", "ok4.png", "a second b"),
+    ]
+    path = folder / "manifest.csv"
+    pd.DataFrame(rows, columns=["uid", "filepath", "caption"]).to_csv(path, index=False)
+    bad = {
+        5: ("e", "missing file"),
+        6: ("f", "undecodable image"),
+        7: ("g", "empty caption"),
+        8: ("b", "duplicate uid (first seen at row 2)"),
+    }
+    return BadManifest(path, ["a", "b", "c", "d"], bad)
+
+
+@pytest.fixture(scope="session")
+def shapes_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Manifest path of the acceptance-criteria demo: shapes, n=3000, 10 % random captions, seed 0."""
+    return make_demo_data(
+        "shapes", tmp_path_factory.mktemp("shapes"), n=3000, noise=0.1, corruption="random-caption", seed=0
+    )

@@ -1,0 +1,276 @@
+"""Page wiring of the Streamlit app with streamlit.testing (AppTest) against a synthetic run.
+
+AppTest does not drive fragments or the browser (keyboard shortcuts, the lasso); those are covered
+by the job-manager tests and the browser test.  Here: every page renders, decisions reach SQLite,
+filters change the count, the detail view opens from ``?uid=``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+from streamlit.util import calc_hash
+
+from ecif.curation.review import open_store
+from app_fixtures import build_synthetic_run
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+PAGES = ("load", "review", "mispredictions", "whatif", "plots", "export")
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "cache"))  # never touch the real demo run
+    return build_synthetic_run(tmp_path / "run", n_train=40, n_val=12)
+
+
+def app(run, page: str = "review", **params: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = str(run.directory)
+    for key, value in params.items():
+        at.query_params[key] = value
+    if page != "review":
+        # Pages are callables registered with st.navigation; AppTest.switch_page only knows files,
+        # so select the page by the hash Streamlit gives a url_path.
+        at._page_hash = calc_hash(page)
+    return at.run()
+
+
+class FakeConfig:
+    """Stands in for ecif.RunConfig: the config is the settings it was built from."""
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, settings: dict) -> dict:
+        return {"run_dir": run_dir, **settings}
+
+
+def match_count(at: AppTest) -> int:
+    text = next(m.value for m in at.sidebar.markdown if " pairs match" in m.value)
+    return int(text.split("**")[1])
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders(run, page: str) -> None:
+    at = app(run, page)
+    assert not at.exception, at.exception
+    assert at.header[0].value.lower().replace("-", "").startswith(page[:4].replace("-", ""))
+
+
+def test_grid_shows_a_page_of_cards_most_harmful_first(run) -> None:
+    at = app(run)
+    opens = [b for b in at.button if b.key and b.key.startswith("grid_open_")]
+    assert len(opens) == 24
+    first = int(opens[0].key.rsplit("_", 1)[1])
+    assert first == int(run.scores().sort_values("influence")["row"].iloc[0])
+    assert match_count(at) == 40
+
+
+def test_card_button_writes_decision(run) -> None:
+    at = app(run)
+    drop = next(b for b in at.button if b.key and b.key.startswith("grid_drop_"))
+    row = int(drop.key.rsplit("_", 1)[1])
+    drop.click().run()
+    assert not at.exception
+    state = open_store(run).current_state()
+    assert state.set_index("row").loc[row, "status"] == "dropped"
+    assert any(b.key == f"grid_res_{row}" for b in at.button)  # the card now offers restore
+    at.button(key="undo").click().run()
+    assert open_store(run).current_state().set_index("row").loc[row, "status"] == "pending"
+
+
+def test_filters_change_the_count(run) -> None:
+    at = app(run)
+    at.text_input(key="q").input("circle").run()
+    expected = int(run.scores()["caption"].str.contains("circle").sum())
+    assert match_count(at) == expected
+    at.segmented_control(key="corrupted").set_value("yes").run()
+    scores = run.scores()
+    assert match_count(at) == int((scores["caption"].str.contains("circle") & scores["corrupted"]).sum())
+    at.button(key="clear_filters").click().run()
+    assert match_count(at) == 40
+
+
+def test_bulk_action_needs_confirmation(run) -> None:
+    at = app(run)
+    at.segmented_control(key="corrupted").set_value("yes").run()
+    n = match_count(at)
+    at.radio(key="bulk_action").set_value("drop").run()
+    assert at.button(key="bulk_go").disabled
+    at.checkbox(key="bulk_confirm").check().run()
+    at.button(key="bulk_go").click().run()
+    assert not at.exception
+    log = open_store(run).log()
+    assert len(log) == n and log["batch_id"].nunique() == 1 and set(log["action"]) == {"drop"}
+
+
+def test_detail_view_from_uid(run) -> None:
+    scores = run.scores().sort_values("influence")
+    uid, second = scores["uid"].iloc[0], scores["uid"].iloc[1]
+    at = app(run, uid=uid)
+    assert not at.exception
+    assert at.button(key="prev").disabled and not at.button(key="next").disabled
+    at.button(key="accept").click().run()
+    assert open_store(run).current_state()["uid"].tolist() == [uid]
+    assert at.query_params["uid"] == second  # advanced to the next pair
+    at.button(key="use_suggestion").click().run()
+    state = open_store(run).current_state().set_index("uid")
+    assert state.loc[second, "status"] == "relabelled"
+    assert state.loc[second, "caption"] != scores["caption"].iloc[1]
+
+
+def test_relabel_with_typed_caption(run) -> None:
+    uid = run.scores()["uid"].iloc[5]
+    at = app(run, uid=uid)
+    at.toggle(key="advance").set_value(False).run()
+    at.text_input(key="caption_5").input("a typed caption").run()
+    at.button(key="relabel").click().run()
+    assert open_store(run).current_state().set_index("uid").loc[uid, "caption"] == "a typed caption"
+
+
+def test_export_page_writes_files(run, tmp_path: Path) -> None:
+    at = app(run, "export")
+    at.text_input(key="export_dir").input(str(tmp_path / "out")).run()
+    at.button(key="export_go").click().run()
+    assert not at.exception
+    assert (tmp_path / "out" / "manifest.csv").exists() and (tmp_path / "out" / "uids.txt").exists()
+
+
+def test_launch_run_is_scored_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First launch on the demo folder: scoring starts by itself, progress shows, results appear."""
+    import threading
+
+    import ecif
+    from ecif.jobs.launch import run_dir_for
+    from ecif.jobs.manager import read_status
+
+    monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "cache"))
+    gate = threading.Event()
+
+    def fake_pipeline(config: dict, reporter) -> None:
+        for _ in reporter.iterate(range(3), "features"):
+            gate.wait(20)
+        build_synthetic_run(config["run_dir"], n_train=30, n_val=6)
+
+    monkeypatch.setattr("ecif.jobs.launch.RunConfig", FakeConfig)
+    monkeypatch.setattr(ecif, "run_pipeline", fake_pipeline)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    status = read_status(run_dir_for())
+    assert status is not None and status["state"] == "running"
+    assert "no scores yet" in at.info[0].value
+    assert any(b.key == "cancel_job" for b in at.sidebar.button)
+    gate.set()
+    deadline = time.monotonic() + 20
+    while read_status(run_dir_for())["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    at.run()
+    assert not at.exception and match_count(at) == 30
+
+
+def test_review_page_of_5000_pairs_is_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "cache"))
+    big = build_synthetic_run(tmp_path / "big", n_train=5000, n_val=50)
+    at = app(big)  # first run: makes the first page's thumbnails and fills the caches
+    assert not at.exception
+    started = time.perf_counter()
+    at.run()
+    elapsed = time.perf_counter() - started
+    assert match_count(at) == 5000
+    assert elapsed < 2.0, f"Review page took {elapsed:.2f} s"
+
+
+def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ecif
+
+    calls = []
+
+    def fake_trace(run_, uid, top_k=20, relative=True):
+        calls.append((uid, top_k, relative))
+        scores = run_.scores().sort_values("influence")
+        culprits, supporters = scores.head(3), scores.tail(2)
+        return pd.concat([culprits.assign(role="culprit"), supporters.assign(role="supporter")]).assign(
+            relative_influence=lambda f: f["influence"] / 2)[
+            ["row", "uid", "influence", "influence_pos", "influence_neg", "relative_influence", "role"]]
+
+    monkeypatch.setattr(ecif, "trace", fake_trace)
+    item = run.mispredictions().query("not correct")["uid"].iloc[0]
+    at = app(run, "mispredictions", item=item)
+    assert not at.exception and calls == [(item, 8, True)]
+    culprit_drops = [b for b in at.button if b.key and b.key.startswith("trace_culprit_drop_")]
+    assert len(culprit_drops) == 3
+    culprit_drops[0].click().run()
+    row = int(culprit_drops[0].key.rsplit("_", 1)[1])
+    assert open_store(run).current_state().set_index("row").loc[row, "status"] == "dropped"
+
+
+def test_whatif_passes_decisions_to_the_engine(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ecif
+    from ecif.curation.review import decide, review_table
+    from ecif.tasks.clean import EditMetrics, EditResult
+
+    seen = {}
+
+    def fake_predict(run_, drop_rows, relabel):
+        seen.update(drop=drop_rows, relabel=relabel)
+        return EditResult(method="closed form", dropped=2, relabelled=1,
+                          before=EditMetrics(1.0, 0.5, 0.6, 0.6), after=EditMetrics(0.9, 0.55, 0.7, 0.65),
+                          seconds=0.1, parameter_change=0.01)
+
+    monkeypatch.setattr(ecif, "predict_edit", fake_predict)
+    store = open_store(run, "S")
+    table = review_table(run.scores(), store.current_state())
+    decide(store, table, "drop", [1, 4])
+    decide(store, table, "relabel", [2], ["a new caption"])
+    at = app(run, "whatif")
+    at.button(key="whatif_go_predicted").click().run()
+    assert not at.exception
+    assert seen == {"drop": [1, 4], "relabel": {2: "a new caption"}}
+    shown = at.dataframe[0].value
+    assert shown.loc["trusted_loss", "before"] == 1.0
+    assert shown.loc["trusted_loss", "predicted (no retraining)"] == 0.9
+
+
+def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import ecif
+    from ecif.jobs.manager import read_status
+
+    image = run.manifest()["filepath"].iloc[0]
+    manifest = tmp_path / "mine.csv"
+    pd.DataFrame({"filepath": [image, "/nowhere/missing.png", image],
+                  "caption": ["a shape", "lost", "another shape"]}).to_csv(manifest, index=False)
+    started = []
+    monkeypatch.setattr("ecif.jobs.launch.RunConfig", FakeConfig)
+    monkeypatch.setattr(ecif, "run_pipeline", lambda config, reporter: started.append(config))
+    at = app(run, "load")
+    at.text_input(key="load_manifest").input(str(manifest)).run()
+    at.button(key="check_manifest").click().run()
+    assert not at.exception
+    bad = at.dataframe[0].value
+    assert list(bad["reason"]) == ["missing file"]
+    at.button(key="start_scoring").click().run()
+    target = Path(at.query_params["run"])
+    assert target.parent == tmp_path / "cache" / "runs" and target.name.startswith("mine-")
+    deadline = time.monotonic() + 10
+    while (read_status(target) or {}).get("state") != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert started[0]["manifest"] == str(manifest) and started[0]["trusted_split"] == "val"
+    assert read_status(target)["settings"]["finetune"]["delta"] == 1.0  # recorded for resume
+
+
+def test_dropped_bin_and_restore(run) -> None:
+    at = app(run)
+    drop = next(b for b in at.button if b.key and b.key.startswith("grid_drop_"))
+    row = int(drop.key.rsplit("_", 1)[1])
+    drop.click().run()
+    at.button(key="open_bin").click().run()
+    assert match_count(at) == 1 and at.multiselect(key="status").value == ["dropped"]
+    at.button(key=f"grid_res_{row}").click().run()
+    assert open_store(run).current_state().set_index("row").loc[row, "status"] == "pending"
+    assert match_count(at) == 0

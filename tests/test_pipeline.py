@@ -1,0 +1,100 @@
+"""The whole scoring run on the built-in demo: outputs, provenance, resume, trace-back and edits."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ecif
+from ecif.run import Run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(scored_demo_run) -> Run:
+    return Run(scored_demo_run)
+
+
+def test_scores_table_has_every_column_and_the_sign_convention(run):
+    scores = run.scores()
+    train = run.manifest().query("split == 'train'")
+    assert len(scores) == len(train)
+    for column in ("row", "uid", "caption", "influence", "influence_pos", "influence_neg", "influence_first_order",
+                   "influence_pos_only", "self_influence", "clip_score", "loss", "rank", "suggested_action",
+                   "corrupted", "original_caption"):
+        assert column in scores.columns, column
+    assert np.allclose(scores["influence"], scores["influence_pos"] + scores["influence_neg"])
+    assert scores["rank"].tolist() == list(range(1, len(scores) + 1))
+    assert scores["influence"].is_monotonic_increasing  # rank 1 = most harmful = most negative
+    assert (scores["self_influence"] > 0).all()
+
+
+def test_run_json_records_model_data_and_settings(run):
+    info = run.info
+    assert len(info["manifest_sha256"]) == 64 and len(info["model_hash"]) >= 16
+    assert info["settings"]["finetune"]["delta"] > 0
+    assert info["stages"]["curvature"]["smallest_eigenvalue"] > 0
+    report = json.loads(run.path("finetune.json").read_text())
+    assert report["converged"], report["warnings"]
+    assert report["gradient_norm"] < 1e-5
+
+
+def test_planted_misaligned_pairs_are_found(run):
+    report = ecif.detection_report(run.scores()).set_index("score")
+    assert report.loc["influence", "auroc"] >= 0.9
+    assert report.loc["influence", "average_precision"] >= 3 * report.loc["influence", "base_rate"]
+
+
+def test_second_run_is_served_from_the_cache(run):
+    started = time.perf_counter()
+    ecif.run_pipeline(ecif.RunConfig.from_settings(run.directory, run.info["settings"]))
+    assert time.perf_counter() - started < 20
+
+
+def test_other_settings_in_the_same_folder_are_refused(run):
+    config = ecif.RunConfig.from_settings(run.directory, run.info["settings"])
+    config.finetune.delta = 7.0
+    with pytest.raises(ValueError, match="other settings"):
+        ecif.run_pipeline(config)
+
+
+def test_trace_returns_culprits_and_supporters_of_a_misprediction(run):
+    wrong = ecif.mispredictions(run)
+    table = run.mispredictions()
+    assert {"label", "predicted", "correct"} <= set(table.columns)
+    item = (wrong if len(wrong) else table).iloc[0]
+    traced = ecif.trace(run, item["uid"], top_k=10)
+    culprits, supporters = traced[traced.role == "culprit"], traced[traced.role == "supporter"]
+    assert len(culprits) == 10 and len(supporters) == 10
+    assert (culprits["relative_influence"].diff().dropna() >= 0).all()
+    assert culprits["relative_influence"].max() < supporters["relative_influence"].min()
+    plain = ecif.trace(run, item["uid"], top_k=10, relative=False)
+    assert (plain[plain.role == "culprit"]["influence"] < 0).all()
+    with pytest.raises(KeyError):
+        ecif.trace(run, "no-such-uid")
+
+
+def test_dropping_the_most_harmful_pairs_is_predicted_and_applied(run, tmp_path):
+    scores = run.scores()
+    harmful = scores.nsmallest(20, "rank")["row"].tolist()
+    predicted = ecif.predict_edit(run, harmful)
+    assert predicted.after.trusted_loss < predicted.before.trusted_loss
+    applied = ecif.apply_edit(run, harmful)
+    assert applied.after.trusted_loss < applied.before.trusted_loss
+    from ecif.models.open_clip_models import load_model
+
+    edited = load_model("ecif-demo", checkpoint=applied.checkpoint)  # a real, loadable checkpoint
+    assert edited.model is not None
+
+
+def test_relabel_is_predicted_with_the_new_caption(run):
+    scores = run.scores()
+    corrupted = scores[scores["corrupted"].astype(bool)].iloc[0]
+    fixed = ecif.predict_edit(run, relabel={int(corrupted["row"]): str(corrupted["original_caption"])})
+    assert fixed.relabelled == 1
+    assert fixed.after.trusted_loss < fixed.before.trusted_loss
