@@ -7,6 +7,7 @@ Every script writes ``bench/results/NAME.json`` (machine, settings, raw numbers,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -112,15 +113,32 @@ def log(message: str, elapsed: float | None = None) -> None:
     print(f"[{stamp}]{extra} {message}", flush=True)
 
 
-def demo_run_dir(work: Path, name: str, n: int, noise: float, corruption: str, seed: int = 0) -> Path:
-    """One folder per demo setting, shared by the scripts (fidelity and detect reuse each other's runs)."""
-    return Path(work) / f"{name}-n{n}-noise{noise:g}-{corruption}-seed{seed}"
+def demo_run_dir(
+    work: Path, name: str, n: int, noise: float, corruption: str, seed: int = 0, batch_size: int | None = None
+) -> Path:
+    """One folder per demo setting, shared by the scripts (fidelity and detect reuse each other's runs).
+
+    ``batch_size`` (the reference batch size of the fine-tuning, when asked for explicitly) adds a
+    ``-bN`` suffix; without it the folder keeps whatever settings it was first made with.
+    """
+    suffix = f"-b{batch_size}" if batch_size else ""
+    return Path(work) / f"{name}-n{n}-noise{noise:g}-{corruption}-seed{seed}{suffix}"
 
 
 def scored_demo_run(
-    work: Path, name: str = "shapes", n: int = 3000, noise: float = 0.1, corruption: str = "random-caption", seed: int = 0
+    work: Path,
+    name: str = "shapes",
+    n: int = 3000,
+    noise: float = 0.1,
+    corruption: str = "random-caption",
+    seed: int = 0,
+    batch_size: int | None = None,
+    checkpoint: Path | None = None,
 ):
     """A demo run scored up to the ``scores`` stage (resumes whatever already finished).
+
+    ``checkpoint``: score with this already-trained ``ecif-demo`` checkpoint instead of training the
+    demo CLIP on the manifest (e.g. to compare fine-tuning settings on the very same backbone).
 
     A folder that already holds a run keeps the settings it was made with (recorded in run.json),
     even if the library's defaults changed since; the scripts print and record those settings.
@@ -129,7 +147,11 @@ def scored_demo_run(
     from ecif.run import Run
     from ecif.tasks.pipeline import RunConfig, run_pipeline
 
-    run_dir = demo_run_dir(work, name, n, noise, corruption, seed)
+    run_dir = demo_run_dir(work, name, n, noise, corruption, seed, batch_size)
+    if checkpoint is not None:
+        from ecif.paths import file_sha256
+
+        run_dir = run_dir.with_name(f"{run_dir.name}-ckpt{file_sha256(checkpoint)[:8]}")
     stored = Run(run_dir).info.get("settings") if (run_dir / "run.json").exists() else None
     if stored:
         config = RunConfig.from_settings(run_dir, stored)
@@ -137,6 +159,10 @@ def scored_demo_run(
         config = ecif.RunConfig(
             run_dir=run_dir, demo=ecif.DemoDataConfig(name=name, n=n, noise=noise, corruption=corruption, seed=seed)
         )
+        if batch_size:
+            config.finetune = dataclasses.replace(config.finetune, batch_size=batch_size)
+        if checkpoint is not None:
+            config.model, config.checkpoint = "ecif-demo", Path(checkpoint).resolve()
     logger = StageLogger(prefix=f"{run_dir.name}: ")
     return run_pipeline(config, reporter=logger.reporter(), stop_after="scores")
 

@@ -55,6 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--settings", default=None, help="comma-separated DATA:NOISE:CORRUPTION (e.g. shapes:0.1:random-caption); overrides the grid"
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="reference batch size of the fine-tuning (own run folder, suffix -bN); default: the library default, "
+        "or whatever an existing run folder was made with",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="score with this trained ecif-demo checkpoint instead of training one per manifest (own run folder)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="folder of the (resumable) runs; default $ECIF_CACHE/bench")
@@ -81,11 +90,13 @@ def settings_of(args) -> list[tuple[str, float, str]]:
     return [(name, noise, corruption) for name in names for noise in NOISES for corruption in CORRUPTIONS]
 
 
-def evaluate_setting(work: Path, name: str, n: int, noise: float, corruption: str, seed: int) -> dict:
+def evaluate_setting(
+    work: Path, name: str, n: int, noise: float, corruption: str, seed: int, batch_size: int | None = None, checkpoint: Path | None = None
+) -> dict:
     import ecif
 
     started = time.perf_counter()
-    run = scored_demo_run(work, name, n, noise, corruption, seed)
+    run = scored_demo_run(work, name, n, noise, corruption, seed, batch_size, checkpoint)
     scores = run.scores()
     report = ecif.detection_report(scores)
     stages = run.info.get("stages", {})
@@ -101,6 +112,13 @@ def evaluate_setting(work: Path, name: str, n: int, noise: float, corruption: st
         "report": report.to_dict(orient="records"),
         "stage_seconds": {stage: value.get("seconds") for stage, value in stages.items()},
         "finetune_gradient_norm": finetune.get("gradient_norm"),
+        "run_settings": {
+            "reference_batch_size": run.info["settings"]["finetune"]["batch_size"],
+            "delta": run.info["settings"]["finetune"]["delta"],
+            "damping": run.info["settings"]["curvature"]["damping"],
+            "solver": run.info["settings"]["curvature"]["solver"],
+            "model": Path(run.info.get("model_checkpoint") or run.info.get("demo_checkpoint") or "?").name,
+        },
         "finetune_converged": finetune.get("converged"),
         "seconds_this_process": time.perf_counter() - started,
     }
@@ -113,7 +131,7 @@ def render(args, machine, results: list[dict], pending: list[tuple[str, float, s
         machine_markdown(machine),
         "",
         f"Each setting: demo data (n={args.n} over train/val/test, seed {args.seed}), the demo CLIP trained on the noisy "
-        "manifest, heads fine-tuned (δ=1), every training pair scored with φ = trusted (val) contrastive loss.  "
+        "manifest, heads fine-tuned (settings per setting below), every training pair scored with φ = trusted (val) contrastive loss.  "
         "Suspicion direction: harmful (negative) influence, high self-influence, low CLIP-score, high pair loss.  "
         "`base rate` = fraction corrupted = AP of a random ranking.",
         "",
@@ -123,7 +141,9 @@ def render(args, machine, results: list[dict], pending: list[tuple[str, float, s
         title = f"{result['data']}, {result['noise']:.0%} {result['corruption']}"
         rows = result["report"]
         lines += [
-            f"## {title} ({result['training_pairs']} training pairs, {result['corrupted']} corrupted)",
+            f"## {title} ({result['training_pairs']} training pairs, {result['corrupted']} corrupted; "
+            + ", ".join(f"{k} {v}" for k, v in result.get("run_settings", {}).items())
+            + ")",
             "",
             markdown_table(
                 ["score", "AUROC", "AP", "P@50", "P@100", "base rate"],
@@ -180,7 +200,7 @@ def main(argv=None) -> dict:
     for position, (name, noise, corruption) in enumerate(settings, start=1):
         log(f"setting {position}/{len(settings)}: {name} {noise:.0%} {corruption}")
         try:
-            results.append(evaluate_setting(work, name, args.n, noise, corruption, args.seed))
+            results.append(evaluate_setting(work, name, args.n, noise, corruption, args.seed, args.batch_size, args.checkpoint))
         except Exception as error:  # keep going: one broken setting must not lose the others
             log(f"setting {name} {noise:.0%} {corruption} FAILED: {type(error).__name__}: {error}")
             failures.append({"data": name, "noise": noise, "corruption": corruption, "error": f"{type(error).__name__}: {error}"})

@@ -71,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="'run': the run's own solver (dense reference here); 'cg': matrix-free CG to relative residual 1e-12 "
         "on the exact Hessian (same numbers, no dense matrix to assemble)",
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="reference batch size of the fine-tuning (own run folder, suffix -bN); default: the library default, "
+        "or whatever an existing run folder was made with",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="folder of the (resumable) runs; default $ECIF_CACHE/bench")
@@ -373,7 +378,7 @@ def main(argv=None) -> dict:
     work = args.work or default_work_dir()
     started = time.perf_counter()
     log(f"fidelity: shapes n={args.n}, {args.loo} removals, work folder {work}")
-    run = scored_demo_run(work, "shapes", args.n, 0.1, "random-caption", args.seed)
+    run = scored_demo_run(work, "shapes", args.n, 0.1, "random-caption", args.seed, args.batch_size)
     engine = load_engine(run)
     problem, theta = engine.problem, engine.theta
     phi = engine.trusted_loss()
@@ -405,6 +410,11 @@ def main(argv=None) -> dict:
     actual = np.array([r["actual"] for r in records])
     phi_gradient_norm = float(gradient_of(phi, theta).norm())
     smallest_eigenvalue = float(getattr(solver, "smallest_eigenvalue", float("nan")))
+    if not math.isfinite(smallest_eigenvalue):  # CG: take the fine-tuning report's (undamped) value
+        from ecif.run import FINETUNE_FILE, read_json
+
+        reported = (read_json(run.path(FINETUNE_FILE), {}) or {}).get("smallest_hessian_eigenvalue")
+        smallest_eigenvalue = float(reported) + engine.curvature.damping if reported is not None else float("nan")
     noise_floor = phi_gradient_norm * float(gradient_norms.max()) / max(smallest_eigenvalue, 1e-300)
 
     # Leave-set-out.
@@ -504,7 +514,7 @@ def report(args, machine, run, engine, problem, theta, records, loo, loo_rows, r
     ]
     if damping_rows:
         lines += [
-            "## Damping sweep (dense solver, same retrains)",
+            f"## Damping sweep ({'dense solver rebuilt from the undamped Hessian' if args.solver == 'run' else 'CG on H + λI, relative residual 1e-12'} per λ; same retrains)",
             "",
             markdown_table(
                 ["λ", "smallest eigenvalue of H+λI", "exact Pearson", "exact Spearman", "first-order Pearson", "pos-only Pearson", "set (group) rel. error"],

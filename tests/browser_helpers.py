@@ -127,8 +127,11 @@ def chromium() -> Iterator[object]:
 
 # ------------------------------------------------------------------------------- page helpers
 def button(page, key: str):
-    """The button of the Streamlit widget with ``key`` (rendered in ``.st-key-<key>``)."""
-    return page.locator(f".st-key-{key} button")
+    """The button of the Streamlit widget with ``key`` (rendered in ``.st-key-<key>``).
+
+    ``:visible`` because a button with a ``help`` tooltip is rendered twice, once hidden.
+    """
+    return page.locator(f".st-key-{key} button:visible")
 
 
 def wait_idle(page, timeout_ms: int = ACTION_MS) -> None:

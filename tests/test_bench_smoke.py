@@ -84,7 +84,11 @@ def test_fidelity_measurements_run_on_the_toy(toy_engine, tmp_path):
     assert len(loo["records"]) == 2
     assert {r["stratum"] for r in loo["records"]} == {"top-10% harmful", "uniform"}
     assert all(r["gradient_norm"] < 1e-6 for r in loo["records"])
-    statistics = fidelity.loo_statistics(loo["records"], 0.0)
+    fake = [
+        {"actual": a, "influence": a * 1.01, "influence_first_order": a, "influence_pos_only": a * 0.8, "stratum": stratum}
+        for a, stratum in ((-3e-4, "uniform"), (1e-4, "uniform"), (2e-4, "uniform"), (-1e-3, "top"), (-5e-4, "top"), (-2e-3, "top"))
+    ]
+    statistics = fidelity.loo_statistics(loo["records"] + fake, 0.0)
     assert {r["column"] for r in statistics} >= {"influence", "influence_pos_only"}
     # A second call reads the cached retrains instead of retraining.
     again = fidelity.leave_one_out(engine, influence, phi, engine.finetune, cache, args, "smoke")

@@ -46,8 +46,12 @@ def test_run_json_records_model_data_and_settings(run):
 
 def test_planted_misaligned_pairs_are_found(run):
     report = ecif.detection_report(run.scores()).set_index("score")
-    assert report.loc["influence", "auroc"] >= 0.9
-    assert report.loc["influence", "average_precision"] >= 3 * report.loc["influence", "base_rate"]
+    # ECIF self-influence (no trusted set needed) is the detection score; harm on the trusted loss
+    # is far above chance too, but weaker on this small, weak demo model (see the README's table).
+    assert report.loc["self_influence", "auroc"] >= 0.95
+    assert report.loc["self_influence", "average_precision"] >= report.loc["clip_score", "average_precision"]
+    assert report.loc["influence", "auroc"] >= 0.75
+    assert report.loc["influence", "precision@50"] >= 0.9
 
 
 def test_second_run_is_served_from_the_cache(run):

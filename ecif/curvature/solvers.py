@@ -75,6 +75,7 @@ class DenseSolver:
     """Explicit ``(C + λI)`` with a Cholesky factor (the reference solver)."""
 
     name = "dense"
+    _matrix: Tensor | None = None
 
     def __init__(self, matrix: Tensor, damping: float, kind: CurvatureKind = "hessian"):
         size = matrix.shape[0]
@@ -96,12 +97,23 @@ class DenseSolver:
         """A solver from a stored Cholesky factor (see :func:`save_solver`)."""
         solver = cls.__new__(cls)
         solver.kind, solver.damping, solver.factor = kind, damping, factor
-        solver.matrix = factor @ factor.T
         solver.smallest_eigenvalue = smallest_eigenvalue
         return solver
 
+    @property
+    def matrix(self) -> Tensor:
+        """``C + λI`` (rebuilt from the factor when the solver was loaded from disk)."""
+        if self._matrix is None:
+            self._matrix = self.factor @ self.factor.T
+        return self._matrix
+
+    @matrix.setter
+    def matrix(self, value: Tensor) -> None:
+        self._matrix = value
+
     def _smallest_eigenvalue(self, iterations: int = 50) -> float:
-        """Exact for small matrices; else inverse iteration with the Cholesky factor (cheap)."""
+        """Exact for small matrices; else a Rayleigh quotient after inverse iteration with the
+        Cholesky factor (cheap; an upper bound, close when the smallest eigenvalue is isolated)."""
         if self.matrix.shape[0] <= 4096:
             return float(torch.linalg.eigvalsh(self.matrix)[0])
         vector = torch.randn(self.matrix.shape[0], dtype=self.matrix.dtype, generator=torch.Generator().manual_seed(0))

@@ -46,9 +46,13 @@ def influence_table(engine: Engine, influence: PairInfluence) -> pd.DataFrame:
 
 
 def suggested_actions(scores: pd.DataFrame, harmful_fraction: float = 0.05) -> pd.Series:
-    """A proposal per pair from its scores: the most harmful ``harmful_fraction`` → "drop" when its
-    caption is a poor match for its image (low CLIP-score, for the model the pair was badly
-    captioned) else "relabel"; everything else "keep".  A suggestion only: the curator decides."""
+    """A proposal per pair from its scores (the curator decides).
+
+    The most harmful ``harmful_fraction`` are flagged.  A flagged pair whose caption matches its
+    image poorly (CLIP-score below the median) most likely carries a wrong caption: "relabel" (the
+    app offers a caption from its nearest neighbours).  A flagged pair that matches well hurts
+    through its role (a near-duplicate acting as a false negative, say): "drop".  Others: "keep".
+    """
     n_flag = max(1, int(round(harmful_fraction * len(scores))))
     flagged = scores["rank"] <= n_flag
     weak_match = scores["clip_score"] < scores["clip_score"].median()

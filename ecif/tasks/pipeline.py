@@ -9,6 +9,7 @@ curvature → scores → mispredictions → index → thumbnails.  A stage that 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import time
 from collections.abc import Callable
@@ -152,14 +153,25 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"unknown stage {stop_after!r}; stages are {', '.join(STAGES)}")
+
+    run = Run(config.run_dir)
+    run.directory.mkdir(parents=True, exist_ok=True)
+    # One pipeline per run folder at a time (the app, the command line and tests may all ask): a
+    # second caller waits, then finds the stages done.
+    with open(run.path(".pipeline.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _run_stages(config, run, as_reporter(reporter), stop_after)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str | None) -> Run:
     from ecif.data import load_manifest, make_demo_data, make_thumbnails
     from ecif.models.demo import train_demo_model
     from ecif.models.features import compute_features, encode_prompts
     from ecif.models.open_clip_models import load_model
 
-    reporter = as_reporter(reporter)
-    run = Run(config.run_dir)
-    run.directory.mkdir(parents=True, exist_ok=True)
     settings = config.settings()
     previous = run.info.get("settings")
     if previous is not None and previous != json.loads(json.dumps(settings, default=str)):
@@ -169,7 +181,6 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
         )
     if previous is None:
         run.update_info(settings=settings, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ecif_version="0.1.0")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded_manifest = {}
 
     def manifest_path() -> Path:
