@@ -67,7 +67,7 @@ def test_features_and_heads_reproduce_the_model_embeddings(random_demo: LoadedMo
     heads = get_heads(random_demo.model)
     assert features.image.shape == (40, 96) and features.text.shape == (40, 96)
     assert features.image.dtype == np.float32 and heads.image.dtype == np.float64
-    assert heads.image.shape == (96, 64) and heads.text.shape == (96, 64)
+    assert heads.image.shape == (96, 32) and heads.text.shape == (96, 32)
     assert heads.log_logit_scale == pytest.approx(np.log(1 / 0.07))
 
     pixels, failed = load_images(small_frame["filepath"].tolist(), random_demo.preprocess)
@@ -99,7 +99,7 @@ def test_set_heads_writes_what_get_heads_reads(small_frame) -> None:
     with torch.inference_mode():
         image = loaded.model.encode_image(pixels, normalize=True).double().numpy()
     np.testing.assert_allclose(_unit(features @ new_image), image, atol=1e-5)
-    with pytest.raises(ValueError, match=r"proj must have shape \(96, 64\)"):
+    with pytest.raises(ValueError, match=r"proj must have shape \(96, 32\)"):
         set_heads(loaded.model, new_image[:, :10], new_text, 2.5)
 
 

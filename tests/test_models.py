@@ -77,7 +77,7 @@ def test_torch_file_with_arbitrary_objects_is_never_unpickled(random_demo: Loade
 
 def test_checkpoint_of_another_shape_names_file_and_mismatches(random_demo: LoadedModel, tmp_path) -> None:
     state = dict(random_demo.model.state_dict())
-    state["visual.proj"] = torch.zeros(96, 32)
+    state["visual.proj"] = torch.zeros(96, 16)
     del state["text_projection"]
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "wrong.pt"
@@ -86,7 +86,7 @@ def test_checkpoint_of_another_shape_names_file_and_mismatches(random_demo: Load
         load_model("ecif-demo", checkpoint=path)
     message = str(caught.value)
     assert str(path) in message
-    assert "wrong shapes: visual.proj (file (96, 32), model (96, 64))" in message
+    assert "wrong shapes: visual.proj (file (96, 16), model (96, 32))" in message
     assert "missing keys: text_projection" in message
     assert "unexpected keys: extra.weight" in message
 
