@@ -33,9 +33,9 @@ pytestmark = [
 ]
 
 VIEWPORT = {"width": 1400, "height": 1000}
-#: The first engine call of a server builds the run's curvature (ENGINE_SPINNER says so): the engine
-#: caches it per process only, so every fresh server pays it again -- minutes on a busy 2-core box.
-TRACE_MS = int(float(os.environ.get("ECIF_E2E_TRACE_S", "900")) * 1000)
+#: The first engine call of a server loads the run's curvature (``curvature.safetensors``, copied
+#: with the run); a run without it rebuilds it, which took ~8 minutes on a busy 2-core box.
+TRACE_MS = int(float(os.environ.get("ECIF_E2E_TRACE_S", "300")) * 1000)
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -47,10 +47,11 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def run_copy(scored_demo_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the scored demo run, without anyone's decisions, exports or job state."""
+    """A private copy of the scored demo run, without anyone's decisions, exports, edited
+    checkpoint or job state (other tests share the cached run)."""
     target = tmp_path / "run"
     shutil.copytree(scored_demo_run, target, ignore=shutil.ignore_patterns(
-        "decisions.sqlite*", "exports", "job.json"))
+        "decisions.sqlite*", "exports", "edited", "job.json"))
     return target
 
 

@@ -201,6 +201,8 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
     def data_stage() -> dict:
         loaded = get_manifest()
         frame = loaded.frame.reset_index(drop=True)
+        # The bad-row report is written first, so that it is shown even when the run cannot go on.
+        atomic_write_parquet(run.path(BAD_ROWS_FILE), loaded.bad_rows)
         if not (frame["split"] == "train").any():
             raise ValueError(f"{loaded.path}: no rows with split 'train'; nothing to score")
         if not (frame["split"] == config.trusted_split).any():
@@ -209,7 +211,6 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
                 "add a split column or choose another --trusted-split"
             )
         atomic_write_parquet(run.path(MANIFEST_FILE), frame)
-        atomic_write_parquet(run.path(BAD_ROWS_FILE), loaded.bad_rows)
         if loaded.classes is not None:
             loaded.classes.save(run.path(CLASSES_FILE))
         run.update_info(manifest_path=str(loaded.path), manifest_sha256=loaded.sha256)
