@@ -318,8 +318,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = _open_run(args.run)
     result = export_run(run, Path(args.out), formats=tuple(args.formats.split(",")))
-    payload = result if isinstance(result, dict) else getattr(result, "__dict__", str(result))
-    _emit(args, payload, f"exported to {args.out}: {payload}")
+    payload = result if isinstance(result, dict) else vars(result)
+    counts = payload.get("counts", {})
+    files = "\n".join(f"  {kind:<10} {path}" for kind, path in payload.get("files", {}).items())
+    summary = ", ".join(f"{name} {value}" for name, value in counts.items())
+    _emit(args, payload, f"exported to {args.out} ({summary})\n{files}")
     return 0
 
 
