@@ -16,7 +16,7 @@ from ecif.models.features import (
     set_heads,
 )
 from ecif.models.open_clip_models import LoadedModel, ModelLoadError, load_model, read_state_dict, save_checkpoint
-from ecif.models.zero_shot import class_embeddings, zero_shot, zero_shot_accuracy, zero_shot_probabilities
+from ecif.models.zero_shot import zero_shot, zero_shot_accuracy, zero_shot_probabilities
 
 __all__ = [
     "DEMO_MODEL_NAME",
@@ -27,7 +27,6 @@ __all__ = [
     "ModelLoadError",
     "PromptFeatures",
     "UnsupportedModelError",
-    "class_embeddings",
     "compute_features",
     "encode_captions",
     "encode_images",

@@ -8,32 +8,27 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ecif.data import ZeroShotClasses
+from ecif.influence.objective import HeadsScope
+from ecif.influence.test_functions import ZeroShotPrompts, zero_shot_logits
 from ecif.models.features import Features, Heads, PromptFeatures, compute_features, encode_prompts, get_heads
 from ecif.models.open_clip_models import LoadedModel
 
 
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-
-
-def class_embeddings(prompts: PromptFeatures, W_text: np.ndarray) -> np.ndarray:
-    """Unit class embeddings, float64 [C, e]: the mean of each class's normalised prompt embeddings,
-    renormalised (prompt ensembling, as in CLIP)."""
-    prompt_embeddings = _unit_rows(prompts.features.astype(np.float64) @ W_text)
-    sums = np.zeros((len(prompts.names), W_text.shape[1]))
-    np.add.at(sums, prompts.class_index, prompt_embeddings)
-    return _unit_rows(sums)
-
-
 def zero_shot_probabilities(image_features: np.ndarray, prompts: PromptFeatures, heads: Heads) -> np.ndarray:
-    """Class probabilities, float64 [N, C], of images given by pre-projection features [N, d_img]."""
-    images = _unit_rows(image_features.astype(np.float64) @ heads.image)
-    logits = np.exp(heads.log_logit_scale) * images @ class_embeddings(prompts, heads.text).T
-    logits -= logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(logits)
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
+    """Class probabilities, float64 [N, C], of images given by pre-projection features [N, d_img].
+
+    The logits are the influence engine's own (:func:`ecif.influence.test_functions.zero_shot_logits`),
+    so the demo's accuracy, the mispredictions and trace-back all use one definition.
+    """
+    scope = HeadsScope(heads.image.shape[0], heads.text.shape[0], heads.image.shape[1], heads.log_logit_scale)
+    theta = scope.join(torch.as_tensor(heads.image), torch.as_tensor(heads.text))
+    classes = ZeroShotPrompts.from_arrays(prompts.features, prompts.class_index, prompts.names)
+    image = torch.as_tensor(np.asarray(image_features), dtype=torch.float64)
+    with torch.no_grad():
+        return torch.softmax(zero_shot_logits(scope, theta, image, classes), dim=1).numpy()
 
 
 def zero_shot(
