@@ -19,12 +19,12 @@ pytest_plugins = ["fixtures_data"]
 
 #: The shared small demo: large enough for a useful model and for the planted pairs to be found,
 #: small enough that training + scoring fit the suite's budget on two cores.
-DEMO_N = 1500
+DEMO_N = 3000
 
 
 @pytest.fixture(scope="session")
 def scored_demo_run(tmp_path_factory) -> Path:
-    """A finished demo run (shapes, n=1500, 10% random-caption noise) scored end to end."""
+    """A finished demo run (shapes, n=3000 as in the app demo, 10% random-caption noise) scored end to end."""
     from ecif.tasks.pipeline import DemoDataConfig, RunConfig, run_pipeline
 
     run_dir = Path(os.environ["ECIF_CACHE"]) / "test-runs" / f"shapes-{DEMO_N}"

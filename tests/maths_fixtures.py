@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
+from ecif.influence.synthetic import toy_features
 from ecif.models.heads import FinetuneConfig, finetune_heads
 
 
@@ -18,19 +19,6 @@ class Toy:
     theta: torch.Tensor
     validation: ContrastiveData
     flipped: torch.Tensor
-
-
-def toy_features(n: int, seed: int, image_dim: int = 12, text_dim: int = 10, classes: int = 5, flip: float = 0.1):
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, image_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
-    label = torch.randint(0, classes, (n,), generator=generator)
-    caption_label = label.clone()
-    flipped = torch.rand(n, generator=generator) < flip
-    caption_label[flipped] = (label[flipped] + 1 + torch.randint(0, classes - 1, (int(flipped.sum()),), generator=generator)) % classes
-    image = centres[label] + 0.7 * torch.randn(n, image_dim, dtype=torch.float64, generator=generator)
-    text = centres[caption_label][:, :text_dim] + 0.7 * torch.randn(n, text_dim, dtype=torch.float64, generator=generator)
-    layer_norm = torch.nn.functional.layer_norm
-    return layer_norm(image, (image_dim,)), layer_norm(text, (text_dim,)), flipped
 
 
 def make_toy(n: int = 120, batch_size: int = 10, delta: float = 1.0, learn_logit_scale: bool = False, seed: int = 0) -> Toy:

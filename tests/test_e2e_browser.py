@@ -1,6 +1,6 @@
 """The whole app in a real browser: headless Chromium against ``streamlit run app/main.py``.
 
-Each test copies the shared scored demo run (``scored_demo_run``: shapes, n=1500, real engine) to
+Each test copies the shared scored demo run (``scored_demo_run``: shapes, n=3000, real engine) to
 its own folder first, so decisions never leak between tests, and starts its own server on a free
 port.  Servers are stopped in fixture teardown, also when a test fails.  Screenshots go to
 ``<repo>/test-artifacts/`` (``review.png`` is the README's picture of the review grid).

@@ -196,9 +196,10 @@ def test_zero_shot_table(random_demo: LoadedModel, small_frame) -> None:
     assert zero_shot_accuracy(random_demo, frame, classes) == pytest.approx(known["correct"].mean())
 
 
-FAST_DEMO = DemoTrainConfig(epochs=8, num_threads=1)
-"""80 steps on 700 pairs: enough to learn colour (shape takes far longer). One thread: on a busy
-machine two OpenMP threads spin-wait for each other and run several times slower."""
+FAST_DEMO = DemoTrainConfig(epochs=8, min_steps=0, hard_negative_group=1, num_threads=1)
+"""80 steps on 700 pairs in random batches: enough to learn colour (shape takes far longer, and the
+default hard-negative batches, which hold captions of one colour together, learn colour later). One
+thread: on a busy machine two OpenMP threads spin-wait for each other and run several times slower."""
 
 
 def _colour_classes(shapes: LoadedManifest) -> ZeroShotClasses:
@@ -242,7 +243,7 @@ def test_resumed_training_equals_uninterrupted(shapes: LoadedManifest, tmp_path:
         sha256="tiny-" + shapes.sha256,
         classes=shapes.classes,
     )
-    config = DemoTrainConfig(epochs=3, batch_size=16, num_threads=1)
+    config = DemoTrainConfig(epochs=3, min_steps=0, batch_size=16, num_threads=1)
     monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "uninterrupted"))
     uninterrupted = train_demo_model(tiny, config).read_bytes()
 
@@ -251,3 +252,25 @@ def test_resumed_training_equals_uninterrupted(shapes: LoadedManifest, tmp_path:
     with pytest.raises(Cancelled):
         train_demo_model(tiny, config, Reporter(lambda stage, done, total: done > 6 and cancel.set(), cancel))
     assert train_demo_model(tiny, config).read_bytes() == uninterrupted
+
+
+def test_hard_negative_batches_group_captions_that_differ_only_in_class() -> None:
+    from ecif.models.demo import caption_templates, hard_negative_order
+
+    captions, labels = [], []
+    for colour in ("red", "blue", "green"):
+        for shape in ("circle", "square", "triangle", "star"):
+            for copy in range(2):
+                captions.append(f"a {colour} {shape} at the top")
+                labels.append(shape)
+    templates = caption_templates(captions, labels)
+    assert templates[0] == "a red _ at the top"
+    assert caption_templates(["a star"], None) == ["a star"]
+    order = hard_negative_order(templates, labels, 4, torch.Generator().manual_seed(0)).tolist()
+    assert sorted(order) == list(range(len(captions)))
+    groups = [order[start : start + 4] for start in range(0, len(order), 4)]
+    for group in groups:
+        assert len({templates[index] for index in group}) == 1, [captions[index] for index in group]
+        assert len({labels[index] for index in group}) == 4, "labels interleaved: one of each class per group"
+    plain = hard_negative_order(templates, labels, 1, torch.Generator().manual_seed(0)).tolist()
+    assert sorted(plain) == list(range(len(captions))) and plain != order

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
-from ecif.influence.objective import HeadsProblem, chunk_logits, mask_logits
+from ecif.influence.objective import HeadsProblem, chunk_logits, mask_logits, positive_terms
+from ecif.progress import Reporter, as_reporter
 
 CurvatureKind = Literal["hessian", "ggn"]
 Product = Callable[[Tensor], Tensor]
@@ -71,18 +72,101 @@ def curvature_product(problem: HeadsProblem, theta: Tensor, kind: CurvatureKind 
 
 
 def dense_curvature(
-    problem: HeadsProblem, theta: Tensor, kind: CurvatureKind = "hessian", chunk_size: int = 256
+    problem: HeadsProblem,
+    theta: Tensor,
+    kind: CurvatureKind = "hessian",
+    chunk_size: int = 1024,
+    reporter: Reporter | None = None,
 ) -> Tensor:
-    """The full ``[P, P]`` curvature matrix, assembled ``chunk_size`` columns at a time (symmetrised)."""
-    product = torch.func.vmap(curvature_product(problem, theta, kind))
+    """The full ``[P, P]`` curvature matrix of ``R`` at ``θ`` (symmetric, ``δI`` included).
+
+    Assembled one reference batch at a time in embedding space, which is far cheaper than ``P``
+    curvature-vector products through the heads: a batch's loss depends on ``θ`` only through the
+    pre-normalisation projections ``z = h W`` ``[B, e]`` of both modalities (and ``ℓ``), so its
+    curvature is ``Gᵀ C_z G`` with ``C_z`` the ``[2Be(+1)]²`` curvature in ``z`` (``chunk_size``
+    products at a time) and ``G = ∂z/∂θ = h ⊗ I``, applied as two feature contractions.
+    """
+    reporter = as_reporter(reporter)
+    scope, data = problem.scope, problem.data
+    w_image, w_text, log_scale = scope.split(theta)
+    embed_dim = scope.embed_dim
+    n_image = scope.image_dim * embed_dim
     size = theta.numel()
-    matrix = torch.empty(size, size, dtype=theta.dtype)
-    for start in range(0, size, chunk_size):
-        stop = min(size, start + chunk_size)
-        basis = torch.zeros(stop - start, size, dtype=theta.dtype)
-        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        matrix[start:stop] = product(basis)
+    matrix = torch.zeros(size, size, dtype=theta.dtype)
+    for position, rows in enumerate(data.batches):
+        image, text = data.image[rows], data.text[rows]
+        batch = len(rows)
+        flat = torch.cat([(image @ w_image).reshape(-1), (text @ w_text).reshape(-1), log_scale.reshape(1)])
+
+        def batch_loss(values: Tensor, batch: int = batch) -> Tensor:
+            z_image = values[: batch * embed_dim].reshape(batch, embed_dim)
+            z_text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
+            logits = _logits_from_projections(z_image, z_text, values[-1])
+            return positive_terms(logits).sum()
+
+        def batch_logits_of(values: Tensor, batch: int = batch) -> Tensor:
+            z_image = values[: batch * embed_dim].reshape(batch, embed_dim)
+            z_text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
+            return _logits_from_projections(z_image, z_text, values[-1])
+
+        if kind == "hessian":
+            gradient = grad(batch_loss)
+
+            def product(vector: Tensor) -> Tensor:
+                return jvp(gradient, (flat,), (vector,))[1]
+
+        elif kind == "ggn":
+            logits, pullback = vjp(batch_logits_of, flat)
+
+            def product(vector: Tensor) -> Tensor:
+                tangent = jvp(batch_logits_of, (flat,), (vector,))[1]
+                return pullback(_logit_hessian_product(logits, tangent))[0]
+
+        else:
+            raise ValueError(f"unknown curvature kind {kind!r}; expected 'hessian' or 'ggn'")
+        basis = torch.eye(flat.numel(), dtype=theta.dtype)
+        curvature_z = torch.func.vmap(product, chunk_size=chunk_size)(basis)
+        curvature_z = 0.5 * (curvature_z + curvature_z.T)
+        _add_projected(matrix, curvature_z, image, text, batch, embed_dim, n_image, scope.learn_logit_scale)
+        reporter.report("curvature (dense)", position + 1, len(data.batches))
+    matrix /= data.normaliser
+    matrix += problem.delta * torch.eye(size, dtype=theta.dtype)
     return 0.5 * (matrix + matrix.T)
+
+
+def _logits_from_projections(z_image: Tensor, z_text: Tensor, log_scale: Tensor) -> Tensor:
+    u = torch.nn.functional.normalize(z_image, dim=-1)
+    v = torch.nn.functional.normalize(z_text, dim=-1)
+    return log_scale.exp() * (u @ v.T)
+
+
+def _add_projected(
+    matrix: Tensor,
+    curvature_z: Tensor,
+    image: Tensor,
+    text: Tensor,
+    batch: int,
+    embed_dim: int,
+    n_image: int,
+    learn_logit_scale: bool,
+) -> None:
+    """``matrix += Gᵀ C_z G`` for ``z_image = image @ W_image``, ``z_text = text @ W_text`` (row-major ``W``)."""
+    width = batch * embed_dim
+    features = (image, text)
+    offsets = (slice(0, n_image), slice(n_image, n_image + text.shape[1] * embed_dim))
+    for a in range(2):
+        # [B, e, 2Be(+1)] → contract the left batch index with the features: [d, e, 2Be(+1)]
+        left = torch.einsum("ik,iaq->kaq", features[a], curvature_z[a * width : (a + 1) * width].reshape(batch, embed_dim, -1))
+        left = left.reshape(-1, curvature_z.shape[1])
+        for b in range(2):
+            right = left[:, b * width : (b + 1) * width].reshape(-1, batch, embed_dim)
+            block = torch.einsum("pjb,jl->plb", right, features[b]).reshape(right.shape[0], -1)
+            matrix[offsets[a], offsets[b]] += block
+        if learn_logit_scale:
+            matrix[offsets[a], -1] += left[:, -1]
+            matrix[-1, offsets[a]] += left[:, -1]
+    if learn_logit_scale:
+        matrix[-1, -1] += curvature_z[-1, -1]
 
 
 def smallest_eigenvalue(

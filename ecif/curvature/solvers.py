@@ -338,9 +338,7 @@ def build_solver(
     if name == "auto":
         name = "dense" if theta.numel() <= config.dense_max_params else "ekfac"
     if name == "dense":
-        reporter.report("curvature (dense)", 0, 1)
-        matrix = dense_curvature(problem, theta, config.kind, config.chunk_size)
-        reporter.report("curvature (dense)", 1, 1)
+        matrix = dense_curvature(problem, theta, config.kind, config.chunk_size, reporter)
         return DenseSolver(matrix, config.damping, config.kind)
     if name == "cg":
         return ConjugateGradientSolver(
