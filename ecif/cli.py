@@ -11,11 +11,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 
+from ecif.data.demo import Corruption
 from ecif.progress import Reporter
 
 EXIT_USAGE = 2
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--noise", type=float, default=0.1)
-    p.add_argument("--corruption", default="random-caption", choices=["random-caption", "attribute-swap", "class-flip"])
+    p.add_argument("--corruption", default="random-caption", choices=list(get_args(Corruption)))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo_data)

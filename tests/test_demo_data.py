@@ -184,3 +184,14 @@ def test_digits_attribute_swap_changes_colour_only(tmp_path: Path) -> None:
 def test_bad_arguments(arguments: dict[str, object], tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         make_demo_data(out=tmp_path, **arguments)  # type: ignore[arg-type]
+
+
+def test_systematic_corruption_mislabels_one_group_consistently(tmp_path: Path) -> None:
+    frame = _read(make_demo_data("shapes", tmp_path, n=600, noise=0.5, corruption="systematic"))
+    train = frame[frame["split"] == "train"]
+    group = train[(train["shape"] == "square") & (train["colour"] == "red")]
+    dirty = frame[frame["corrupted"]]
+    assert len(dirty) == round(0.5 * len(group)) > 0
+    assert set(dirty.index) <= set(group.index)
+    for row in dirty.itertuples():
+        assert row.caption == row.original_caption.replace("square", "circle")

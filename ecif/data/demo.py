@@ -32,7 +32,7 @@ from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_bytes
 
 DemoName = Literal["shapes", "digits"]
-Corruption = Literal["random-caption", "attribute-swap", "class-flip"]
+Corruption = Literal["random-caption", "attribute-swap", "class-flip", "systematic"]
 
 MANIFEST_FILE_NAME = "manifest.csv"
 IMAGES_DIR = "images"
@@ -262,6 +262,13 @@ def _splits(labels: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     return split
 
 
+def _systematic_group(spec: _Spec) -> tuple[str, str, str]:
+    """``(class, colour, wrong class)`` of the systematic corruption: the second class in the first colour
+    is captioned as the first class (shapes: red squares called circles; digits: white ones called zeros)."""
+    classes = spec.attributes[spec.class_attribute]
+    return classes[1], spec.attributes["colour"][0], classes[0]
+
+
 def _corrupt_caption(
     spec: _Spec,
     kind: str,
@@ -278,6 +285,8 @@ def _corrupt_caption(
             other = int(rng.choice(train_rows))
             if captions[other] != captions[row]:
                 return captions[other]
+    if kind == "systematic":
+        return spec.caption(int(templates[row]), {**values[row], spec.class_attribute: _systematic_group(spec)[2]})
     attribute = spec.class_attribute if kind == "class-flip" else str(rng.choice(spec.swappable))
     choices = [value for value in spec.attributes[attribute] if value != values[row][attribute]]
     return spec.caption(int(templates[row]), {**values[row], attribute: str(rng.choice(choices))})
@@ -295,12 +304,15 @@ def make_demo_data(
     """Write the demo dataset ``name`` with ``n`` image-caption pairs under ``out``; return the manifest path.
 
     Splits are 70/15/15 per class.  Exactly ``round(noise * n_train)`` training pairs get a corrupted
-    caption (``corrupted=True``, the clean one kept in ``original_caption``):
+    caption (``corrupted=True``, the clean one kept in ``original_caption``), except ``systematic``:
 
     - ``random-caption``: the caption of another training pair (always a different text);
     - ``attribute-swap``: one non-class attribute changed (shapes: colour, size or position;
       digits: the ink colour), so the class word stays right;
-    - ``class-flip``: the class word changed, every other word kept.
+    - ``class-flip``: the class word changed, every other word kept;
+    - ``systematic``: ``round(noise * k)`` of the ``k`` training pairs of one group get one wrong class
+      word (shapes: red squares captioned as red circles; digits: white ones as zeros), the kind of
+      consistent error that makes test mistakes, for trace-back.
 
     Same arguments -> byte-identical files.  Progress is reported under the stage ``"demo data"``.
     """
@@ -325,7 +337,11 @@ def make_demo_data(
     train_rows = np.flatnonzero(split == "train")
     if corruption == "random-caption" and len({original[i] for i in train_rows}) < 2:
         raise ValueError("random-caption needs at least two different training captions; increase n")
-    corrupted_rows = np.sort(rng.choice(train_rows, round(noise * len(train_rows)), replace=False))
+    candidates = train_rows
+    if corruption == "systematic":
+        label, colour, _ = _systematic_group(spec)
+        candidates = np.asarray([i for i in train_rows if values[i][spec.class_attribute] == label and values[i]["colour"] == colour])
+    corrupted_rows = np.sort(rng.choice(candidates, round(noise * len(candidates)), replace=False))
     captions = list(original)
     for row in corrupted_rows:
         captions[row] = _corrupt_caption(

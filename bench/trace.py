@@ -1,0 +1,130 @@
+"""Trace-back against a planted systematic corruption (ECIF_METHOD §8, "Trace-back").
+
+Half (``--noise``) of one group of training pairs gets one consistent wrong class word (shapes:
+red squares captioned as red circles; digits: white ones captioned as zeros).  The demo CLIP is
+trained on that manifest and every pair scored; then, for every test item of the group that the
+model gets wrong, ``ecif.trace`` ranks the training pairs by their effect on that item's zero-shot
+loss, and we count how many of its top-k culprits are planted pairs (precision@k), with the
+relative score (RelatIF, the default) and the plain influence.  The base rate is the share of
+planted pairs in the whole training set (what a random ranking would get).
+
+    .venv/bin/python bench/trace.py                # shapes, n=3000, half of the red squares → circles
+    .venv/bin/python bench/trace.py --name digits
+
+With a third of the group mislabelled the demo CLIP still gets every test item of the group right
+(the majority wins), so there are no mistakes to trace; half is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    default_work_dir,
+    log,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    scored_demo_run,
+    set_threads,
+    write_results,
+)
+
+TARGET_PRECISION = 0.8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="shapes", choices=["shapes", "digits"])
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--noise", type=float, default=0.5, help="share of the group's training pairs mislabelled")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--result-name", default="trace")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    import ecif
+    from ecif.data.demo import DIGITS, SHAPES, _systematic_group
+    from ecif.tasks.trace import zero_shot_table
+
+    machine = machine_info()
+    started = time.perf_counter()
+    run = scored_demo_run(args.work or default_work_dir(), args.name, args.n, round(args.noise, 4), "systematic", args.seed)
+    label, colour, wrong = _systematic_group(SHAPES if args.name == "shapes" else DIGITS)
+    manifest = run.manifest()
+    train = manifest[manifest["split"] == "train"]
+    planted = train["corrupted"].astype(bool)
+    base_rate = float(planted.mean())
+
+    table = zero_shot_table(run, splits=["test"])
+    table = table.merge(manifest[["uid", "colour"]], on="uid")
+    group = table[(table["label"] == label) & (table["colour"] == colour)]
+    mistakes = group[~group["correct"]]
+    log(f"{len(group)} test items of the group ({colour} {label}); {len(mistakes)} wrong, "
+        f"{int((mistakes['predicted'] == wrong).sum())} of them as {wrong}")
+
+    per_item = []
+    for item in group.itertuples():
+        row = {"uid": item.uid, "predicted": item.predicted, "correct": bool(item.correct), "prob_true": float(item.prob_true)}
+        for relative in (True, False):
+            traced = ecif.trace(run, item.uid, top_k=args.top_k, relative=relative)
+            culprits = traced[traced["role"] == "culprit"]
+            row["relative" if relative else "plain"] = float(culprits["corrupted"].astype(bool).mean())
+        per_item.append(row)
+
+    rows = []
+    for subset, items in (
+        (f"predicted {wrong}", [r for r in per_item if r["predicted"] == wrong]),
+        ("every mistake of the group", [r for r in per_item if not r["correct"]]),
+        ("every test item of the group (right or wrong)", per_item),
+    ):
+        rows.append([
+            subset,
+            len(items),
+            np.mean([r["relative"] for r in items]) if items else None,
+            np.mean([r["plain"] for r in items]) if items else None,
+            base_rate,
+        ])
+    headline = rows[0][2]
+    markdown = "\n".join([
+        "# Trace-back against a planted systematic corruption",
+        "",
+        machine_markdown(machine),
+        "",
+        f"{args.name}, n={args.n}: {int(planted.sum())} of the {int(((train['label'] == label) & (train['colour'] == colour)).sum())} "
+        f"training pairs that show a {colour} {label} are captioned as a {wrong} ({int(planted.sum())} planted pairs among "
+        f"{len(train)} training pairs).  Test items of that group: {len(group)}, wrong: {len(mistakes)}.  For each mistake, "
+        f"the share of planted pairs among its top-{args.top_k} culprits (`ecif.trace`), averaged over the mistakes:",
+        "",
+        markdown_table(["mistakes", "items", f"precision@{args.top_k} (relative)", f"precision@{args.top_k} (plain)",
+                        "base rate"], rows),
+        "",
+        f"**Target** precision@{args.top_k} ≥ {TARGET_PRECISION}: "
+        + ("no mistakes to trace" if headline is None else f"{headline:.3f} → {'MET' if headline >= TARGET_PRECISION else 'MISSED'}"),
+        "",
+        f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
+    ])
+    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "items": per_item,
+               "table": rows, "base_rate": base_rate, "markdown": markdown}
+    write_results(args.result_name, payload, markdown, args.results)
+    print()
+    print(markdown)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
