@@ -221,3 +221,11 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, results_dir
         temporary.write_text(text)
         temporary.replace(path)
     return json_path, md_path
+
+
+def publish(name: str, payload: dict[str, Any], markdown: str, results_dir: Path | None = None) -> None:
+    """Write the results (:func:`write_results`) and print the tables with where they went."""
+    write_results(name, payload, markdown, results_dir)
+    print()
+    print(markdown)
+    print(f"\nwrote {results_dir or 'bench/results'}/{name}.json and .md")

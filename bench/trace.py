@@ -34,7 +34,7 @@ from common import (  # noqa: E402
     markdown_table,
     scored_demo_run,
     set_threads,
-    write_results,
+    publish,
 )
 
 TARGET_PRECISION = 0.8
@@ -120,9 +120,7 @@ def main(argv=None) -> dict:
     ])
     payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "items": per_item,
                "table": rows, "base_rate": base_rate, "markdown": markdown}
-    write_results(args.result_name, payload, markdown, args.results)
-    print()
-    print(markdown)
+    publish(args.result_name, payload, markdown, args.results)
     return payload
 
 

@@ -33,7 +33,7 @@ from bench.common import (  # noqa: E402
     machine_markdown,
     markdown_table,
     scored_demo_run,
-    write_results,
+    publish,
 )
 from bench.peers.adapters import METHODS  # noqa: E402
 
@@ -211,10 +211,7 @@ def main(argv=None) -> dict:
     payload = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "machine": machine, "results": evaluated, "failures": failures,
                "seconds": time.perf_counter() - started, "markdown": markdown}
-    write_results(args.name, payload, markdown, args.results)
-    print()
-    print(markdown)
-    print(f"\nwrote {args.results or 'bench/results'}/{args.name}.json and .md")
+    publish(args.name, payload, markdown, args.results)
     return payload
 
 

@@ -98,16 +98,13 @@ def dense_curvature(
         batch = len(rows)
         flat = torch.cat([(image @ w_image).reshape(-1), (text @ w_text).reshape(-1), log_scale.reshape(1)])
 
-        def batch_loss(values: Tensor, batch: int = batch) -> Tensor:
-            z_image = values[: batch * embed_dim].reshape(batch, embed_dim)
-            z_text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
-            logits = _logits_from_projections(z_image, z_text, values[-1])
-            return positive_terms(logits).sum()
-
         def batch_logits_of(values: Tensor, batch: int = batch) -> Tensor:
             z_image = values[: batch * embed_dim].reshape(batch, embed_dim)
             z_text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
             return _logits_from_projections(z_image, z_text, values[-1])
+
+        def batch_loss(values: Tensor) -> Tensor:
+            return positive_terms(batch_logits_of(values)).sum()
 
         if kind == "hessian":
             gradient = grad(batch_loss)
