@@ -22,7 +22,7 @@ def test_hessian_product_matches_autograd_hessian(toy):
     assert torch.allclose(dense_curvature(toy.problem, toy.theta, "hessian"), exact, atol=1e-9)
     learnt = make_toy(n=60, batch_size=20, learn_logit_scale=True)
     exact_learnt = torch.func.hessian(learnt.problem.objective)(learnt.theta)
-    assert torch.allclose(dense_curvature(learnt.problem, learnt.theta, "hessian", chunk_size=7), exact_learnt, atol=1e-9)
+    assert torch.allclose(dense_curvature(learnt.problem, learnt.theta, "hessian"), exact_learnt, atol=1e-9)
     vector = torch.randn(toy.theta.numel(), dtype=torch.float64)
     assert torch.allclose(hessian_product(toy.problem, toy.theta)(vector), exact @ vector, atol=1e-9)
 

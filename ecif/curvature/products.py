@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
@@ -75,7 +76,6 @@ def dense_curvature(
     problem: HeadsProblem,
     theta: Tensor,
     kind: CurvatureKind = "hessian",
-    chunk_size: int = 1024,
     reporter: Reporter | None = None,
 ) -> Tensor:
     """The full ``[P, P]`` curvature matrix of ``R`` at ``θ`` (symmetric, ``δI`` included).
@@ -83,87 +83,135 @@ def dense_curvature(
     Assembled one reference batch at a time in embedding space, which is far cheaper than ``P``
     curvature-vector products through the heads: a batch's loss depends on ``θ`` only through the
     pre-normalisation projections ``z = h W`` ``[B, e]`` of both modalities (and ``ℓ``), so its
-    curvature is ``Gᵀ C_z G`` with ``C_z`` the ``[2Be(+1)]²`` curvature in ``z`` (``chunk_size``
-    products at a time) and ``G = ∂z/∂θ = h ⊗ I``, applied as two feature contractions.
+    curvature is ``Gᵀ C_z G`` with ``C_z`` the curvature in ``z`` (closed form, see
+    :func:`_embedding_curvature`; the learnt scale's row is one curvature-vector product) and
+    ``G = ∂z/∂θ = h ⊗ I``, applied as two feature contractions.
     """
+    if kind not in ("hessian", "ggn"):
+        raise ValueError(f"unknown curvature kind {kind!r}; expected 'hessian' or 'ggn'")
     reporter = as_reporter(reporter)
     scope, data = problem.scope, problem.data
     w_image, w_text, log_scale = scope.split(theta)
-    embed_dim = scope.embed_dim
-    n_image = scope.image_dim * embed_dim
-    size = theta.numel()
+    embed_dim, size = scope.embed_dim, theta.numel()
+    widths = (scope.image_dim, scope.text_dim)
+    offsets = np.cumsum([0, widths[0] * embed_dim, widths[1] * embed_dim])
+    parts = [slice(offsets[a], offsets[a + 1]) for a in range(2)]
     matrix = torch.zeros(size, size, dtype=theta.dtype)
     for position, rows in enumerate(data.batches):
-        image, text = data.image[rows], data.text[rows]
         batch = len(rows)
-        flat = torch.cat([(image @ w_image).reshape(-1), (text @ w_text).reshape(-1), log_scale.reshape(1)])
-
-        def batch_logits_of(values: Tensor, batch: int = batch) -> Tensor:
-            z_image = values[: batch * embed_dim].reshape(batch, embed_dim)
-            z_text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
-            return _logits_from_projections(z_image, z_text, values[-1])
-
-        def batch_loss(values: Tensor) -> Tensor:
-            return positive_terms(batch_logits_of(values)).sum()
-
-        if kind == "hessian":
-            gradient = grad(batch_loss)
-
-            def product(vector: Tensor) -> Tensor:
-                return jvp(gradient, (flat,), (vector,))[1]
-
-        elif kind == "ggn":
-            logits, pullback = vjp(batch_logits_of, flat)
-
-            def product(vector: Tensor) -> Tensor:
-                tangent = jvp(batch_logits_of, (flat,), (vector,))[1]
-                return pullback(_logit_hessian_product(logits, tangent))[0]
-
-        else:
-            raise ValueError(f"unknown curvature kind {kind!r}; expected 'hessian' or 'ggn'")
-        basis = torch.eye(flat.numel(), dtype=theta.dtype)
-        curvature_z = torch.func.vmap(product, chunk_size=chunk_size)(basis)
-        curvature_z = 0.5 * (curvature_z + curvature_z.T)
-        _add_projected(matrix, curvature_z, image, text, batch, embed_dim, n_image, scope.learn_logit_scale)
+        features = (data.image[rows], data.text[rows])
+        z_image, z_text = features[0] @ w_image, features[1] @ w_text
+        blocks = _embedding_curvature(z_image, z_text, log_scale, kind)
+        for (a, b), block in zip(((0, 0), (0, 1), (1, 1)), blocks):
+            # [i, e, j, e'] → contract j with h_b, then i with h_a, as two large matrix products
+            right = block.permute(0, 1, 3, 2).reshape(-1, batch) @ features[b]  # [i·e·e', d_b]
+            right = right.reshape(batch, embed_dim, embed_dim, widths[b]).permute(0, 1, 3, 2).reshape(batch, -1)
+            matrix[parts[a], parts[b]] += (features[a].T @ right).reshape(widths[a] * embed_dim, -1)
+        if scope.learn_logit_scale:
+            column = _scale_column(z_image, z_text, log_scale, kind)
+            halves = column[:-1].reshape(2, batch, embed_dim)
+            for a in range(2):
+                matrix[parts[a], -1] += (features[a].T @ halves[a]).reshape(-1)
+            matrix[-1, -1] += column[-1]
         reporter.report("curvature (dense)", position + 1, len(data.batches))
+    matrix[parts[1], parts[0]] = matrix[parts[0], parts[1]].T
+    if scope.learn_logit_scale:
+        matrix[-1, :-1] = matrix[:-1, -1]
     matrix /= data.normaliser
-    matrix += problem.delta * torch.eye(size, dtype=theta.dtype)
+    matrix.diagonal().add_(problem.delta)
     return 0.5 * (matrix + matrix.T)
+
+
+def _scale_column(z_image: Tensor, z_text: Tensor, log_scale: Tensor, kind: CurvatureKind) -> Tensor:
+    """Column ``[2Be+1]`` of one batch's curvature in ``(z_image, z_text, ℓ)`` that belongs to ``ℓ``."""
+    batch, embed_dim = z_image.shape
+    flat = torch.cat([z_image.reshape(-1), z_text.reshape(-1), log_scale.reshape(1)])
+    direction = torch.zeros_like(flat)
+    direction[-1] = 1.0
+
+    def logits_of(values: Tensor) -> Tensor:
+        image = values[: batch * embed_dim].reshape(batch, embed_dim)
+        text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
+        return _logits_from_projections(image, text, values[-1])
+
+    if kind == "hessian":
+        return jvp(grad(lambda values: positive_terms(logits_of(values)).sum()), (flat,), (direction,))[1]
+    logits, tangent = jvp(logits_of, (flat,), (direction,))
+    return vjp(logits_of, flat)[1](_logit_hessian_product(logits, tangent))[0]
+
+
+def _embedding_curvature(
+    z_image: Tensor, z_text: Tensor, log_scale: Tensor, kind: CurvatureKind
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Curvature of one batch's ``Σ_i (a_i + b_i)`` in its projections: the image–image, image–text
+    and text–text blocks, each ``[B, e, B, e]``.
+
+    Closed form, because ``vmap`` over ``2Be`` curvature-vector products costs seconds per batch.
+    With ``S = s·U Vᵀ``, row softmax ``P``, column softmax ``Q`` and ``G = ∂L/∂S = P + Q − 2I``, the
+    curvature in the unit embeddings ``(U, V)`` has blocks (``m_i = Σ_j P_ij v_j``, ``n_j = Σ_i Q_ij u_i``)
+
+    - ``UU[i,k] = s²(δ_ik (Σ_j (P_ij + Q_ij) v_j v_jᵀ − m_i m_iᵀ) − Σ_j Q_ij Q_kj v_j v_jᵀ)``, ``VV`` alike;
+    - ``UV[i,j] = s²(P_ij (v_j − m_i) u_iᵀ + Q_ij v_j (u_i − n_j)ᵀ) + s·G_ij I`` (the last term: Hessian only);
+
+    which ``normalize``'s Jacobian ``(I − u uᵀ)/‖z‖`` carries to ``z``.  The exact Hessian adds the
+    second derivative of ``normalize`` against the embedding gradient ``g``:
+    ``(−g uᵀ − u gᵀ − (g·u) I + 3 (g·u) u uᵀ)/‖z‖²`` on each pair's own block.  The Gauss–Newton
+    curvature (logits as outputs) leaves out both second-derivative terms.
+    """
+    batch, width = z_image.shape
+    scale = log_scale.exp()
+    norm_u, norm_v = z_image.norm(dim=1), z_text.norm(dim=1)
+    u, v = z_image / norm_u[:, None], z_text / norm_v[:, None]
+    logits = scale * (u @ v.T)
+    rows, cols = torch.softmax(logits, dim=1), torch.softmax(logits, dim=0)
+    eye_batch = torch.eye(batch, dtype=u.dtype)
+    eye_width = torch.eye(width, dtype=u.dtype)
+
+    def same_side(anchor: Tensor, other: Tensor, own: Tensor, cross: Tensor) -> Tensor:
+        # own[i, j]: anchor i's softmax over the others; cross[i, j]: anchor i's entry in other j's softmax
+        mean = own @ other
+        diagonal = torch.einsum("ij,ja,jb->iab", own + cross, other, other) - mean[:, :, None] * mean[:, None, :]
+        coupled = torch.einsum("ij,kj,ja,jb->iakb", cross, cross, other, other)
+        return scale**2 * (torch.einsum("ik,iab->iakb", eye_batch, diagonal) - coupled)
+
+    image_image = same_side(u, v, rows, cols)
+    text_text = same_side(v, u, cols.T, rows.T)
+    image_text = scale**2 * (
+        torch.einsum("ij,ija,ib->iajb", rows, v[None, :, :] - (rows @ v)[:, None, :], u)
+        + torch.einsum("ij,ja,ijb->iajb", cols, v, u[:, None, :] - (cols.T @ u)[None, :, :])
+    )
+    if kind == "hessian":
+        image_text = image_text + scale * torch.einsum("ij,ab->iajb", rows + cols - 2.0 * eye_batch, eye_width)
+
+    def through_normalize(block: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        return torch.einsum("iac,icjd,jdb->iajb", left, block, right)
+
+    jacobian_u = (eye_width - u[:, :, None] * u[:, None, :]) / norm_u[:, None, None]
+    jacobian_v = (eye_width - v[:, :, None] * v[:, None, :]) / norm_v[:, None, None]
+    image_image = through_normalize(image_image, jacobian_u, jacobian_u)
+    text_text = through_normalize(text_text, jacobian_v, jacobian_v)
+    image_text = through_normalize(image_text, jacobian_u, jacobian_v)
+    if kind == "hessian":
+        loss_gradient = rows + cols - 2.0 * eye_batch
+        for block, unit, norm, gradient in (
+            (image_image, u, norm_u, scale * loss_gradient @ v),
+            (text_text, v, norm_v, scale * loss_gradient.T @ u),
+        ):
+            along = (gradient * unit).sum(dim=1)[:, None, None]
+            second = (
+                -gradient[:, :, None] * unit[:, None, :]
+                - unit[:, :, None] * gradient[:, None, :]
+                - along * eye_width
+                + 3.0 * along * unit[:, :, None] * unit[:, None, :]
+            ) / norm[:, None, None] ** 2
+            block += torch.einsum("ik,iab->iakb", eye_batch, second)
+    return image_image, image_text, text_text
 
 
 def _logits_from_projections(z_image: Tensor, z_text: Tensor, log_scale: Tensor) -> Tensor:
     u = torch.nn.functional.normalize(z_image, dim=-1)
     v = torch.nn.functional.normalize(z_text, dim=-1)
     return log_scale.exp() * (u @ v.T)
-
-
-def _add_projected(
-    matrix: Tensor,
-    curvature_z: Tensor,
-    image: Tensor,
-    text: Tensor,
-    batch: int,
-    embed_dim: int,
-    n_image: int,
-    learn_logit_scale: bool,
-) -> None:
-    """``matrix += Gᵀ C_z G`` for ``z_image = image @ W_image``, ``z_text = text @ W_text`` (row-major ``W``)."""
-    width = batch * embed_dim
-    features = (image, text)
-    offsets = (slice(0, n_image), slice(n_image, n_image + text.shape[1] * embed_dim))
-    for a in range(2):
-        # [B, e, 2Be(+1)] → contract the left batch index with the features: [d, e, 2Be(+1)]
-        left = torch.einsum("ik,iaq->kaq", features[a], curvature_z[a * width : (a + 1) * width].reshape(batch, embed_dim, -1))
-        left = left.reshape(-1, curvature_z.shape[1])
-        for b in range(2):
-            right = left[:, b * width : (b + 1) * width].reshape(-1, batch, embed_dim)
-            block = torch.einsum("pjb,jl->plb", right, features[b]).reshape(right.shape[0], -1)
-            matrix[offsets[a], offsets[b]] += block
-        if learn_logit_scale:
-            matrix[offsets[a], -1] += left[:, -1]
-            matrix[-1, offsets[a]] += left[:, -1]
-    if learn_logit_scale:
-        matrix[-1, -1] += curvature_z[-1, -1]
 
 
 def smallest_eigenvalue(

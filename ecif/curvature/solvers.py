@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -45,10 +46,15 @@ class CurvatureConfig:
     dense_max_params: int = 16384
     cg_tolerance: float = 1e-10
     cg_max_iterations: int = 1000
-    chunk_size: int = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, object]) -> CurvatureConfig:
+        """The config recorded in a run.json; settings that later versions retired are ignored."""
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in settings.items() if key in known})
 
 
 class CurvatureSolver(Protocol):
@@ -338,7 +344,7 @@ def build_solver(
     if name == "auto":
         name = "dense" if theta.numel() <= config.dense_max_params else "ekfac"
     if name == "dense":
-        matrix = dense_curvature(problem, theta, config.kind, config.chunk_size, reporter)
+        matrix = dense_curvature(problem, theta, config.kind, reporter)
         return DenseSolver(matrix, config.damping, config.kind)
     if name == "cg":
         return ConjugateGradientSolver(

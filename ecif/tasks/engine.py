@@ -169,7 +169,7 @@ def load_engine(run: Run | str | Path) -> Engine:
         trusted_rows=split_rows(manifest, settings.get("trusted_split", "val")),
         prompts=prompts,
         finetune=FinetuneConfig(**settings.get("finetune", {})),
-        curvature=CurvatureConfig(**settings.get("curvature", {})),
+        curvature=CurvatureConfig.from_dict(settings.get("curvature", {})),
     )
     with _ENGINES_LOCK:
         _ENGINES.clear()  # one run at a time per process: the dense solver can be large

@@ -102,7 +102,7 @@ class RunConfig:
             test_split=settings.get("test_split", "test"),
             demo=DemoDataConfig(**(settings.get("demo") or {})),
             finetune=FinetuneConfig(**settings.get("finetune", {})),
-            curvature=CurvatureConfig(**settings.get("curvature", {})),
+            curvature=CurvatureConfig.from_dict(settings.get("curvature", {})),
         )
 
 
@@ -174,7 +174,7 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
 
     settings = config.settings()
     previous = run.info.get("settings")
-    if previous is not None and previous != json.loads(json.dumps(settings, default=str)):
+    if previous is not None and RunConfig.from_settings(run.directory, previous).settings() != settings:
         raise RunSettingsMismatch(
             f"{run.directory} holds a run made with other settings; choose a new --out folder "
             "or delete this one"
