@@ -15,7 +15,7 @@ Layout (every file is written atomically, so a killed job never leaves a half-wr
       embeddings.npz          fine-tuned unit embeddings: image [N, e], text [N, e] (faiss, 2-D map)
       scores.parquet          one row per training pair: influence columns and baselines
       mispredictions.parquet  test/val items with zero-shot prediction (correct or not)
-      index/                  faiss indexes and the row→uid map
+      index/                  faiss indexes, the row→uid map and index.json (settings, source)
       thumbs/                 thumbnails, made once
       decisions.sqlite        the curator's decisions (WAL; survives a killed server)
       edited/                 the closed-form edited checkpoint (model.safetensors) and edit.json

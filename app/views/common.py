@@ -21,10 +21,10 @@ from ecif.curation.media import thumbnail_path
 from ecif.curation.review import (STATUSES, Filters, apply_filters, decide, open_store,
                                   queue_counts, review_table, score_columns, sort_table)
 from ecif.curation.store import DecisionStore
-from ecif.index.neighbours import NeighbourIndex
+from ecif.index.neighbours import META_FILE, NeighbourIndex
 from ecif.jobs.launch import build_config
 from ecif.jobs.manager import JobManager
-from ecif.run import INDEX_DIR, SCORES_FILE, Run
+from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, SCORES_FILE, Run
 
 STATUS_ICONS = {"pending": "⏳", "accepted": "✅", "relabelled": "✏️", "dropped": "🗑️"}
 FILTER_KEYS = ("status", "q", "corrupted", "split")
@@ -52,7 +52,7 @@ def read_frame(run: Run, name: str) -> pd.DataFrame | None:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Building the neighbour index…")
-def _neighbour_index(run_dir: str, mtime: float) -> NeighbourIndex:
+def _neighbour_index(run_dir: str, mtimes: tuple[float, float]) -> NeighbourIndex:
     return NeighbourIndex.load(Run(run_dir))
 
 
@@ -63,8 +63,11 @@ def _thumbnail_b64(path: str, mtime: float) -> str:
 
 def neighbour_index(run: Run) -> NeighbourIndex:
     """The run's faiss index (built on first use if the pipeline's index stage has not run)."""
-    marker = run.path(INDEX_DIR) / "rows.npy"
-    return _neighbour_index(str(run.directory), marker.stat().st_mtime if marker.exists() else 0.0)
+    # index.json is written last by every build, so its mtime names the finished build; new
+    # embeddings change the key too, so the loader sees the index is stale and rebuilds it.
+    markers = (run.path(INDEX_DIR) / META_FILE, run.path(EMBEDDINGS_FILE))
+    mtimes = tuple(m.stat().st_mtime if m.exists() else 0.0 for m in markers)
+    return _neighbour_index(str(run.directory), mtimes)
 
 
 # ---------------------------------------------------------------------------- context

@@ -27,7 +27,8 @@ def render(ctx: Context) -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = st.text_input("Export folder", str(ctx.run.path("exports") / stamp), key="export_dir")
     st.caption("Always written: uids.txt (sorted kept uids), decisions.csv (every decision), run.json "
-               "(settings, hashes, counts), and the edited checkpoint when one exists. File paths are "
+               "(settings, hashes, counts), the edited checkpoint when one exists, and index/ (the faiss "
+               "index rebuilt for the exported pairs, dropped pairs gone). File paths are "
                "absolute: train with `--csv-separator , --csv-img-key filepath --csv-caption-key title`.")
     if st.button("Export", key="export_go", type="primary", disabled=not formats):
         result = export_run(ctx.run, out_dir, view_rows=view_rows if mode == "view" else None,
@@ -42,7 +43,8 @@ def render(ctx: Context) -> None:
     for name, path in result.files.items():
         left, right = st.columns([4, 1])
         left.code(str(path), language=None)
-        # Large files (a checkpoint, a huge manifest) stay on disk: the path above is the way.
-        if path.stat().st_size <= DOWNLOAD_LIMIT_BYTES:
+        # Large files (a checkpoint, a huge manifest) and the index folder stay on disk: the path
+        # above is the way.
+        if path.is_file() and path.stat().st_size <= DOWNLOAD_LIMIT_BYTES:
             right.download_button(f"Download {name}", path.read_bytes(), file_name=path.name,
                                   key=f"download_{name}")

@@ -13,6 +13,12 @@ any working directory::
 
     python -m open_clip_train.main --train-data OUT/manifest.csv --csv-separator , \
         --csv-img-key filepath --csv-caption-key title
+
+When the run has embeddings, ``OUT/index/`` holds a faiss index rebuilt for the exported pairs only,
+in the run's layout (``{image,text}.faiss``, ``rows.npy``, ``uids.npy``, ``index.json``): faiss id
+``i`` is line ``i`` of ``OUT/manifest.*`` (``rows.npy`` holds its ``row`` column, ``uids.npy`` its
+``uid``), so dropped pairs are gone from it rather than masked.  The run's own index is left as it
+is, because the curator may still restore a dropped pair there.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from pathlib import Path
 import pandas as pd
 
 from ecif.curation.review import open_store, run_settings_hash
+from ecif.index.neighbours import (MODALITIES, IndexConfig, embeddings_source, load_embeddings,
+                                   write_index_folder)
 from ecif.paths import file_sha256
-from ecif.run import Run, atomic_write_bytes, atomic_write_json
+from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, Run, atomic_write_bytes, atomic_write_json
 from ecif.tasks.clean import EDITED_CHECKPOINT, EDITED_DIR
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -72,9 +80,11 @@ def curated_manifest(run: Run, view_rows: Sequence[int] | None = None) -> tuple[
 
 
 def export_run(run: Run, out_dir: str | Path, view_rows: Sequence[int] | None = None,
-               formats: Sequence[str] = ("csv", "jsonl", "parquet")) -> ExportResult:
-    """Write the curated manifest, ``uids.txt``, ``decisions.csv``, ``run.json`` and (when one
-    exists) the edited checkpoint to ``out_dir``; see the module doc for the two modes."""
+               formats: Sequence[str] = ("csv", "jsonl", "parquet"),
+               index: IndexConfig = IndexConfig()) -> ExportResult:
+    """Write the curated manifest, ``uids.txt``, ``decisions.csv``, ``run.json``, (when one
+    exists) the edited checkpoint and (when the run has embeddings) the rebuilt faiss index, built
+    with ``index``, to ``out_dir``; see the module doc for the two modes and the index."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export format(s) {sorted(unknown)}; choose from {FORMATS}")
@@ -101,6 +111,13 @@ def export_run(run: Run, out_dir: str | Path, view_rows: Sequence[int] | None = 
     atomic_write_bytes(result.files["uids"], "".join(f"{u}\n" for u in sorted(kept["uid"])).encode())
     result.files["decisions"] = out / "decisions.csv"
     open_store(run).log().to_csv(result.files["decisions"], index=False)
+    if run.has(EMBEDDINGS_FILE):
+        result.files["index"] = out / INDEX_DIR
+        embeddings, rows = load_embeddings(run), kept["row"].to_numpy()
+        write_index_folder(result.files["index"], {m: embeddings[m][rows] for m in MODALITIES}, rows,
+                           kept["uid"].astype(str).to_numpy(), index,
+                           source={"run_dir": str(run.directory), "export": result.mode,
+                                   **embeddings_source(run)})
     for name, source in edited_model_files(run).items():
         result.files[name] = out / f"edited_{source.name}"
         shutil.copy2(source, result.files[name])
@@ -114,6 +131,8 @@ def export_run(run: Run, out_dir: str | Path, view_rows: Sequence[int] | None = 
             "settings_hash": run_settings_hash(run),
             "open_clip": "--csv-separator , --csv-img-key filepath --csv-caption-key title",
         },
-        "sha256": {name: file_sha256(path) for name, path in result.files.items() if name != "run"},
+        # The index folder is derived from hashed inputs; hashing gigabytes of vectors adds nothing.
+        "sha256": {name: file_sha256(path) for name, path in result.files.items()
+                   if name != "run" and path.is_file()},
     })
     return result
