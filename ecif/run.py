@@ -5,7 +5,7 @@ Layout (every file is written atomically, so a killed job never leaves a half-wr
     RUN/
       run.json                settings, model and manifest hashes, finished stages (reproduces the run)
       manifest.parquet        the valid manifest rows (canonical columns + extras), row order = ``row``
-      bad_rows.parquet        rows the loader skipped: row, uid, filepath, reason
+      bad_rows.parquet        rows the loader skipped: row, uid, filepath, reason (+ shard)
       classes.json            zero-shot classes and their prompts (when the data has labels)
       features.npz            backbone features: image [N, d_img], text [N, d_txt], prompts [K, d_txt]
       prompts.npz             backbone features of the zero-shot class prompts

@@ -13,8 +13,9 @@ import threading
 from io import BytesIO
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
+from ecif.data.images import open_image
 from ecif.data.thumbnails import JPEG_QUALITY
 from ecif.data.thumbnails import thumbnail_path as stage_thumbnail_path
 from ecif.run import Run
@@ -26,7 +27,7 @@ def thumbnail_path(run: Run, row: int, filepath: str | Path) -> Path:
     """``RUN/thumbs/<row>.jpg`` for manifest ``row``, made from ``filepath`` if missing."""
     path = stage_thumbnail_path(run, int(row))
     if not path.exists():
-        with Image.open(filepath) as image:
+        with open_image(filepath) as image:
             small = ImageOps.contain(image.convert("RGB"), (THUMB_SIZE, THUMB_SIZE))
         buffer = BytesIO()
         small.save(buffer, format="JPEG", quality=JPEG_QUALITY)

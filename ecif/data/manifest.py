@@ -6,28 +6,36 @@ Accepted inputs (format chosen by the file extension):
   (``.jsonl``, ``.ndjson``, ``.json``) and parquet (``.parquet``, ``.pq``); ``.gz``/``.bz2``/``.xz``/
   ``.zst``/``.zip`` compression of the text formats is understood.
 - A directory: its ``manifest.*`` if it has one (the demo data layout); else its ``captions.*``
-  table (image names in a ``filename``-style column, relative to the directory); else the images in
-  it (recursively) with img2dataset-style sidecar captions ``NAME.txt`` beside each ``NAME.jpg``.
+  table (image names in a ``filename``-style column, relative to the directory); else its shards
+  (``*.tar`` webdataset shards as img2dataset writes them, or ``*.parquet`` shards; see
+  :mod:`ecif.data.sources`); else the images in it (recursively) with img2dataset-style sidecar
+  captions ``NAME.txt`` beside each ``NAME.jpg``.
+- A glob of shards, e.g. ``data/part-*.parquet`` or ``laion/*.tar``.
+
+Images inside tar shards are named ``<tar path>::<member>`` (:mod:`ecif.data.images`).  Manifests
+larger than memory are read with :func:`iter_manifest_chunks`, which validates them chunk by chunk;
+:func:`load_manifest` returns the whole frame.
 
 Columns are recognised by name, case-insensitively (first alias present wins; see ``ALIASES``).
-Relative image paths resolve against the manifest's folder.  Rows that cannot be used are listed
-in ``bad_rows`` with a reason and left out; only problems with the file as a whole raise
-:class:`ManifestError`.
+Relative image paths resolve against the manifest's (or the shard's) folder.  Rows that cannot be
+used are listed in ``bad_rows`` with a reason and left out; only problems with a file as a whole
+raise :class:`ManifestError`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow
-from PIL import Image
 
 from ecif.data._parallel import threaded_map
 from ecif.data.classes import CLASSES_FILE_NAME, ClassesError, ZeroShotClasses
+from ecif.data.images import IMAGE_EXTENSIONS, image_problem, resolve_image_path
+from ecif.data.sources import ManifestError, RawChunk, find_shards, parquet_batches
 from ecif.paths import file_sha256, text_sha256
 from ecif.progress import Reporter, as_reporter
 
@@ -51,7 +59,6 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _COMPRESSIONS = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip"})
 _FORMATS = {
     ".csv": "csv",
@@ -66,10 +73,10 @@ _FORMATS = {
 MANIFEST_STEMS = ("manifest", "captions")
 """Table names looked for inside a directory, in this order (see the module docstring)."""
 BAD_ROWS_COLUMNS = ("row", "uid", "filepath", "reason")
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (missing, empty, unparseable, no image/caption column)."""
+SHARD_COLUMN = "shard"
+"""Added to the frame and to ``bad_rows`` of a sharded source: the shard file each row came from."""
+STREAM_ROWS_PER_CHUNK = 10_000
+"""Default chunk size of :func:`iter_manifest_chunks` (and of :func:`load_manifest` over shards)."""
 
 
 @dataclass
@@ -79,9 +86,11 @@ class LoadedManifest:
     ``frame`` (RangeIndex): ``uid`` (unique str), ``filepath`` (absolute str), ``caption`` (non-empty
     str), ``split`` ("train" / "val" / "test"), ``label`` (str or None), ``source_row`` (1-based data
     row in the input, as error messages count; replaces an input column of that name), then the
-    input's other columns unchanged.
+    input's other columns unchanged.  Rows of a sharded source count across its shards in name
+    order, and both frames gain a ``shard`` column (the shard's path relative to ``path``).
     ``bad_rows``: ``row``, ``uid``, ``filepath``, ``reason`` for every row left out.
-    ``sha256``: of the manifest file's bytes (an image folder: of its listing and captions).
+    ``sha256``: of the manifest file's bytes (an image folder: of its listing and captions; shards:
+    see :meth:`ecif.data.sources.ShardedSource.sha256`).
     """
 
     frame: pd.DataFrame
@@ -89,6 +98,17 @@ class LoadedManifest:
     path: Path
     sha256: str
     classes: ZeroShotClasses | None
+
+
+@dataclass
+class ManifestChunk:
+    """Consecutive rows of a manifest, validated: ``frame`` and ``bad_rows`` as in
+    :class:`LoadedManifest` (row numbers count from the start of the whole source); ``index`` is the
+    chunk's 0-based position in the stream."""
+
+    frame: pd.DataFrame
+    bad_rows: pd.DataFrame
+    index: int
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -213,24 +233,7 @@ def _resolve(base: Path, filepath: str | None) -> str | None:
         return None
     if "://" in filepath:  # a URL: ecif reads local files only
         return filepath
-    return os.path.abspath(os.path.join(base, os.path.expanduser(filepath.strip())))
-
-
-def _image_problem(filepath: str | None, decode: bool) -> str | None:
-    """Why the image cannot be used, or None.  ``decode`` opens and verifies it with PIL."""
-    if filepath is None:
-        return "no image path"
-    if "://" in filepath:
-        return "not a local file (download the images first, e.g. with img2dataset)"
-    if not os.path.isfile(filepath):
-        return "missing file"
-    if decode:
-        try:
-            with Image.open(filepath) as image:
-                image.verify()
-        except Exception as error:  # PIL signals corrupt data with many exception types
-            return f"undecodable image: {type(error).__name__}: {error}"
-    return None
+    return resolve_image_path(base, filepath.strip())
 
 
 def _classes_for(frame: pd.DataFrame, directory: Path) -> ZeroShotClasses | None:
@@ -247,19 +250,21 @@ def _classes_for(frame: pd.DataFrame, directory: Path) -> ZeroShotClasses | None
 
 def _row_problems(
     image_problems: list[str | None],
+    rows: list[int],
     uids: list[str | None],
     captions: list[str | None],
     splits: list[str | None],
+    first_row: dict[str, int],
 ) -> tuple[list[list[str]], list[str]]:
     """Every reason each row is unusable (empty when usable), and its canonical split.
 
-    A uid belongs to its first occurrence in the file; later rows with it are the duplicates.
+    A uid belongs to its first occurrence in the source; later rows with it are the duplicates.
+    ``first_row`` (uid -> row number) carries the uids seen in earlier chunks and is updated.
     A missing split means "train", like a manifest without a split column.
     """
     problems: list[list[str]] = [[problem] if problem else [] for problem in image_problems]
-    first_row: dict[str, int] = {}
     canonical_splits: list[str] = []
-    for index, (uid, caption, split) in enumerate(zip(uids, captions, splits, strict=True)):
+    for index, (row, uid, caption, split) in enumerate(zip(rows, uids, captions, splits, strict=True)):
         if caption is None or not caption.strip():
             problems[index].append("empty caption")
         if uid is None or not uid.strip():
@@ -267,12 +272,152 @@ def _row_problems(
         elif uid in first_row:
             problems[index].append(f"duplicate uid (first seen at row {first_row[uid]})")
         else:
-            first_row[uid] = index + 1
+            first_row[uid] = row
         canonical = SPLIT_ALIASES.get((split or "train").strip().lower())
         if canonical is None:
             problems[index].append(f"unknown split {split!r} (expected train, val or test)")
         canonical_splits.append(canonical or "")
     return problems, canonical_splits
+
+
+class _Validator:
+    """Canonicalises and validates the consecutive raw chunks of one source.
+
+    Spans chunks: the row count (row numbers continue across chunks and shards) and the first row
+    of every uid (duplicates are found across chunks; this map is the only state that grows with
+    the source, one entry per usable uid).
+    """
+
+    _EXAMPLES = 5  # bad rows quoted when no row at all is usable
+
+    def __init__(self, source: Path, check_images: bool, reporter: Reporter) -> None:
+        self.source = source
+        self.check_images = check_images
+        self.reporter = reporter
+        self.rows_read = 0
+        self.usable = 0
+        self.first_row: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def validate(self, raw: RawChunk) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The chunk's canonical frame and its bad rows (see :class:`LoadedManifest`)."""
+        named = self.source if raw.shard is None else self.source / raw.shard
+        sources = {canonical: _canonical_source(list(raw.frame.columns), canonical) for canonical in ALIASES}
+        for required, what in (("filepath", "image"), ("caption", "caption")):
+            if sources[required] is None:
+                raise ManifestError(
+                    f"{named}: no {what} column (accepted names: {', '.join(ALIASES[required])}; "
+                    f"found: {', '.join(map(str, raw.frame.columns))})"
+                )
+
+        n = len(raw.frame)
+        rows = list(range(self.rows_read + 1, self.rows_read + n + 1))
+        self.rows_read += n
+        absent: list[str | None] = [None] * n
+        column = {
+            canonical: _text_values(raw.frame[name]) if name is not None else absent
+            for canonical, name in sources.items()
+        }
+        uids = column["uid"] if sources["uid"] is not None else [f"row{row}" for row in rows]
+        filepaths = [_resolve(raw.base, filepath) for filepath in column["filepath"]]
+        known = raw.problems or absent
+        image_problems = threaded_map(
+            lambda item: item[1] or image_problem(item[0], self.check_images),
+            list(zip(filepaths, known, strict=True)),
+            self.reporter,
+            "checking images",
+        )
+
+        problems, splits = _row_problems(
+            image_problems, rows, uids, column["caption"], column["split"], self.first_row
+        )
+        good = [index for index, found in enumerate(problems) if not found]
+        bad = [index for index, found in enumerate(problems) if found]
+        self.usable += len(good)
+        self.examples.extend(
+            f"row {rows[i]}: {'; '.join(problems[i])}" for i in bad[: self._EXAMPLES + 1 - len(self.examples)]
+        )
+        bad_rows = pd.DataFrame(
+            {
+                "row": pd.Series([rows[i] for i in bad], dtype="int64"),
+                "uid": pd.Series([uids[i] for i in bad], dtype=object),
+                "filepath": pd.Series([filepaths[i] for i in bad], dtype=object),
+                "reason": pd.Series(["; ".join(problems[i]) for i in bad], dtype=object),
+            }
+        )
+        used = {name for name in sources.values() if name is not None} | set(CANONICAL_COLUMNS)
+        frame = pd.DataFrame(
+            {
+                "uid": [uids[i] for i in good],
+                "filepath": [filepaths[i] for i in good],
+                "caption": [column["caption"][i] for i in good],
+                "split": [splits[i] for i in good],
+                # object dtype keeps None (not NaN) for unlabelled rows, as documented.
+                "label": pd.Series([column["label"][i] for i in good], dtype=object),
+                "source_row": pd.Series([rows[i] for i in good], dtype="int64"),
+            }
+        )
+        if raw.shard is not None:
+            used.add(SHARD_COLUMN)
+            frame[SHARD_COLUMN] = raw.shard
+            bad_rows[SHARD_COLUMN] = pd.Series([raw.shard] * len(bad), dtype=object)
+        extras = raw.frame.iloc[good][[name for name in raw.frame.columns if name not in used]]
+        return pd.concat([frame, extras.reset_index(drop=True)], axis=1), bad_rows
+
+    def finish(self) -> None:
+        """Raise :class:`ManifestError` if the source had no rows, or none of them was usable."""
+        if self.rows_read == 0:
+            raise ManifestError(f"{self.source}: no data rows")
+        if self.usable == 0:
+            shown = "; ".join(self.examples[: self._EXAMPLES])
+            more = " ..." if len(self.examples) > self._EXAMPLES else ""
+            raise ManifestError(f"{self.source}: none of the {self.rows_read} rows is usable ({shown}{more})")
+
+
+def _whole_source(path: Path) -> tuple[Path, str, list[RawChunk]]:
+    """An ordinary (not sharded) manifest read whole: its file or folder, hash, and rows as one chunk."""
+    raw, source, digest = _read_source(path)
+    return source, digest, [RawChunk(raw, source if source.is_dir() else source.parent)]
+
+
+def iter_manifest_chunks(
+    path: str | os.PathLike[str],
+    rows_per_chunk: int = STREAM_ROWS_PER_CHUNK,
+    *,
+    check_images: bool = True,
+    reporter: Reporter | None = None,
+) -> Iterator[ManifestChunk]:
+    """Read, canonicalise and validate a manifest chunk by chunk, never holding it whole.
+
+    Each chunk holds at most ``rows_per_chunk`` input rows (usable plus bad; a chunk never spans
+    shards).  Parquet (one file or shards) and tar shards are streamed from disk; other formats
+    are read whole first and then cut into chunks.  Bad rows are reported and left out as in
+    :func:`load_manifest`; a chunk may have no usable row.  Raises :class:`ManifestError` when a
+    file as a whole is unusable -- when reaching it, so earlier chunks have been yielded -- and at
+    the end if no row at all was usable.
+    """
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be positive, got {rows_per_chunk}")
+    sharded = find_shards(path, MANIFEST_STEMS)
+    raw_chunks: Iterable[RawChunk]
+    if sharded is not None:
+        source, raw_chunks = sharded.root, sharded.chunks(rows_per_chunk)
+    else:
+        resolved = Path(path).expanduser().resolve()
+        if resolved.is_file() and _table_format(resolved) == "parquet":
+            source = resolved
+            raw_chunks = (RawChunk(frame, resolved.parent) for frame in parquet_batches(resolved, rows_per_chunk))
+        else:
+            source, _, (whole,) = _whole_source(resolved)
+            raw_chunks = (
+                RawChunk(whole.frame.iloc[start : start + rows_per_chunk].reset_index(drop=True), whole.base)
+                for start in range(0, len(whole.frame), rows_per_chunk)
+            )
+    validator = _Validator(source, check_images, as_reporter(reporter))
+    for index, raw in enumerate(raw_chunks):
+        frame, bad_rows = validator.validate(raw)
+        yield ManifestChunk(frame, bad_rows, index)
+    validator.finish()
 
 
 def load_manifest(
@@ -284,69 +429,29 @@ def load_manifest(
     """Read, canonicalise and validate a manifest (see the module docstring for formats).
 
     Every bad row is reported (missing or undecodable image, empty caption, duplicate uid -- the
-    later occurrence, unknown split) and left out; the rest load.  ``check_images=False`` skips
-    decoding (files are still checked to exist).  Image checks run in threads, reported under the
-    stage ``"checking images"``.  Raises :class:`ManifestError` naming the file when the manifest
-    as a whole is unusable, including when no row is valid.
+    later occurrence, unknown split, and for tar shards a sample without image or a failed
+    download) and left out; the rest load.  ``check_images=False`` skips decoding (files are still
+    checked to exist).  Image checks run in threads, reported under the stage ``"checking images"``.
+    Raises :class:`ManifestError` naming the file when the manifest as a whole is unusable,
+    including when no row is valid.
     """
-    reporter = as_reporter(reporter)
-    path = Path(path).expanduser().resolve()
-    raw, source, digest = _read_source(path)
+    sharded = find_shards(path, MANIFEST_STEMS)
+    if sharded is None:
+        source, digest, raw_chunks = _whole_source(Path(path).expanduser().resolve())
+    else:
+        source, digest, raw_chunks = sharded.root, sharded.sha256(), sharded.chunks(STREAM_ROWS_PER_CHUNK)
+    validator = _Validator(source, check_images, as_reporter(reporter))
+    parts = [validator.validate(raw) for raw in raw_chunks]
+    validator.finish()
+    frame = _concat([frame for frame, _ in parts])
     base = source if source.is_dir() else source.parent
+    return LoadedManifest(frame, _concat([bad for _, bad in parts]), source, digest, _classes_for(frame, base))
 
-    sources = {canonical: _canonical_source(list(raw.columns), canonical) for canonical in ALIASES}
-    for required, what in (("filepath", "image"), ("caption", "caption")):
-        if sources[required] is None:
-            raise ManifestError(
-                f"{source}: no {what} column (accepted names: {', '.join(ALIASES[required])}; "
-                f"found: {', '.join(map(str, raw.columns))})"
-            )
 
-    n = len(raw)
-    rows = list(range(1, n + 1))
-    absent: list[str | None] = [None] * n
-    column = {
-        canonical: _text_values(raw[name]) if name is not None else absent
-        for canonical, name in sources.items()
-    }
-    uids: list[str | None] = column["uid"] if sources["uid"] is not None else [f"row{row}" for row in rows]
-    filepaths = [_resolve(base, filepath) for filepath in column["filepath"]]
-    image_problems = threaded_map(
-        lambda fp: _image_problem(fp, check_images), filepaths, reporter, "checking images"
-    )
-
-    problems, splits = _row_problems(image_problems, uids, column["caption"], column["split"])
-    good = [index for index, found in enumerate(problems) if not found]
-    bad = [index for index, found in enumerate(problems) if found]
-    bad_rows = pd.DataFrame(
-        {
-            "row": pd.Series([rows[i] for i in bad], dtype="int64"),
-            "uid": pd.Series([uids[i] for i in bad], dtype=object),
-            "filepath": pd.Series([filepaths[i] for i in bad], dtype=object),
-            "reason": pd.Series(["; ".join(problems[i]) for i in bad], dtype=object),
-        }
-    )
-    if not good:
-        shown = "; ".join(f"row {rows[i]}: {'; '.join(problems[i])}" for i in bad[:5])
-        raise ManifestError(
-            f"{source}: none of the {n} rows is usable ({shown}{' ...' if len(bad) > 5 else ''})"
-        )
-
-    used = {name for name in sources.values() if name is not None} | set(CANONICAL_COLUMNS)
-    extras = raw.iloc[good][[name for name in raw.columns if name not in used]].reset_index(drop=True)
-    frame = pd.DataFrame(
-        {
-            "uid": [uids[i] for i in good],
-            "filepath": [filepaths[i] for i in good],
-            "caption": [column["caption"][i] for i in good],
-            "split": [splits[i] for i in good],
-            # object dtype keeps None (not NaN) for unlabelled rows, as documented.
-            "label": pd.Series([column["label"][i] for i in good], dtype=object),
-            "source_row": pd.Series([rows[i] for i in good], dtype="int64"),
-        }
-    )
-    frame = pd.concat([frame, extras], axis=1)
-    return LoadedManifest(frame, bad_rows, source, digest, _classes_for(frame, base))
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames one after another; empty ones are skipped (pandas warns on them) unless all are."""
+    filled = [frame for frame in frames if len(frame)] or frames[:1]
+    return pd.concat(filled, ignore_index=True) if len(filled) > 1 else filled[0]
 
 
 def bad_rows_report(loaded: LoadedManifest) -> str:
@@ -354,5 +459,6 @@ def bad_rows_report(loaded: LoadedManifest) -> str:
     total = len(loaded.frame) + len(loaded.bad_rows)
     if loaded.bad_rows.empty:
         return f"{loaded.path}: all {total} rows usable"
-    table = loaded.bad_rows[["row", "uid", "reason", "filepath"]].to_string(index=False)
+    shown = ["row", "uid", "reason", "filepath"] + ([SHARD_COLUMN] if SHARD_COLUMN in loaded.bad_rows else [])
+    table = loaded.bad_rows[shown].to_string(index=False)
     return f"{loaded.path}: {len(loaded.bad_rows)} of {total} rows left out\n{table}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageOps
 
 from ecif.data._parallel import threaded_map
+from ecif.data.images import open_image
 from ecif.progress import Reporter, as_reporter
 from ecif.run import THUMBS_DIR, Run
 
@@ -49,7 +50,7 @@ def _jpeg(image: Image.Image) -> bytes:
 def _thumbnail_bytes(filepath: str, size: int) -> bytes:
     """The image scaled to fit a ``size`` x ``size`` box (aspect kept, small images enlarged)."""
     try:
-        with Image.open(filepath) as opened:
+        with open_image(filepath) as opened:
             opened.draft(None, (size, size))  # JPEG: decode at reduced scale, much faster for photos
             image: Image.Image = ImageOps.exif_transpose(opened)
             if image.mode in ("RGBA", "LA", "P", "PA"):

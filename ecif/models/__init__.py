@@ -12,6 +12,7 @@ from ecif.models.features import (
     encode_images,
     encode_prompts,
     get_heads,
+    iter_chunk_features,
     load_images,
     set_heads,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "encode_images",
     "encode_prompts",
     "get_heads",
+    "iter_chunk_features",
     "load_images",
     "load_model",
     "read_state_dict",

@@ -7,14 +7,16 @@ the model's embeddings are exactly ``normalize(h_img @ W_image)`` and ``normaliz
 
 Features are cached on disk in shards, keyed by the model weights and the rows' content, so a
 second run is instant and an interrupted one resumes after the last finished shard.
+:func:`compute_features` takes a whole frame; :func:`iter_chunk_features` takes a stream of chunks
+(e.g. from :func:`ecif.data.iter_manifest_chunks`) and keeps one shard per chunk, so a manifest
+larger than memory is processed with one chunk in memory at a time.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import TextTransformer, VisionTransformer
 from PIL import Image
 
+from ecif.data.images import image_signature, open_image
 from ecif.models.open_clip_models import LoadedModel, ModelLoadError, Preprocess
 from ecif.paths import cache_dir, text_sha256
 from ecif.progress import Reporter, as_reporter
@@ -35,6 +38,8 @@ from ecif.run import atomic_write_bytes
 FEATURES_STAGE = "features"
 # Rows per cache shard: an interrupted run loses at most this much work.
 SHARD_ROWS = 512
+CHUNKS_DIR = "chunks"
+"""Folder (under the model's feature cache) of :func:`iter_chunk_features`'s one-file-per-chunk shards."""
 
 
 class UnsupportedModelError(ModelLoadError):
@@ -121,7 +126,7 @@ def load_images(paths: Sequence[str], preprocess: Preprocess) -> tuple[torch.Ten
     failed: dict[int, str] = {}
     for position, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 tensors.append(preprocess(image.convert("RGB")))
         # PIL raises OSError, ValueError, SyntaxError or DecompressionBombError depending on how the
         # file is broken; any of them means "skip this one image".
@@ -191,15 +196,44 @@ def compute_features(
         shard_file = directory / f"shard_{shard_start // SHARD_ROWS:05d}.npz"
         if not shard_file.exists():
             _write_shard(loaded, paths, captions, shard_start, shard_stop, batch_size, shard_file, reporter)
-        with np.load(shard_file) as shard:
-            image_parts.append(shard["image"])
-            text_parts.append(shard["text"])
-            failed.update(zip((shard["failed_rows"] + shard_start).tolist(), shard["failed_reasons"].tolist()))
+        shard = _read_shard(shard_file)
+        image_parts.append(shard.image)
+        text_parts.append(shard.text)
+        failed.update({row + shard_start: reason for row, reason in shard.failed.items()})
         reporter.report(FEATURES_STAGE, shard_stop, total)
     if failed:
         listed = "; ".join(f"{paths[row]} ({reason})" for row, reason in list(failed.items())[:5])
         warnings.warn(f"{len(failed)} image(s) could not be read and have no features: {listed}", stacklevel=2)
     return Features(image=_concatenate(image_parts), text=_concatenate(text_parts), failed=failed)
+
+
+def iter_chunk_features(
+    loaded: LoadedModel,
+    chunks: Iterable[pd.DataFrame],
+    reporter: Reporter | None = None,
+    batch_size: int = 64,
+) -> Iterator[tuple[pd.DataFrame, Features]]:
+    """``(chunk, its features)`` for each chunk (columns ``filepath``, ``caption``) of a stream.
+
+    Each chunk's features are one cache file, ``cache_dir()/features/<model_hash>/chunks/<chunk
+    content hash>.npz`` (:func:`chunk_features_file`), written before it is yielded; a rerun after
+    an interruption reads the finished chunks back and computes only the rest.  Empty chunks are
+    skipped.  Unreadable images are listed in each chunk's ``Features.failed`` (positions within the
+    chunk).  Progress: rows done so far under the stage "features" (total 0: unknown).
+    """
+    reporter = as_reporter(reporter)
+    done = 0
+    for frame in chunks:
+        if frame.empty:
+            continue
+        shard_file = chunk_features_file(loaded, frame)
+        if not shard_file.exists():
+            paths = frame["filepath"].astype(str).tolist()
+            captions = frame["caption"].astype(str).tolist()
+            _write_shard(loaded, paths, captions, 0, len(frame), batch_size, shard_file, reporter, done, 0)
+        done += len(frame)
+        reporter.report(FEATURES_STAGE, done, 0)
+        yield frame, _read_shard(shard_file)
 
 
 def features_cache_dir(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
@@ -208,14 +242,21 @@ def features_cache_dir(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
     The key covers each image's path, size and modification time, each caption, and the
     preprocessing, so editing any of them recomputes instead of serving stale features.
     """
-    parts = [repr(loaded.preprocess), str(SHARD_ROWS)]
+    key = text_sha256(repr(loaded.preprocess), str(SHARD_ROWS), *_row_signatures(frame))
+    return cache_dir() / "features" / loaded.model_hash / key[:32]
+
+
+def chunk_features_file(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
+    """The cache file of one chunk's features for :func:`iter_chunk_features` (key as in
+    :func:`features_cache_dir`, without the shard size: a chunk is one shard)."""
+    key = text_sha256(repr(loaded.preprocess), CHUNKS_DIR, *_row_signatures(frame))
+    return cache_dir() / "features" / loaded.model_hash / CHUNKS_DIR / f"{key[:32]}.npz"
+
+
+def _row_signatures(frame: pd.DataFrame) -> Iterator[str]:
+    """Per row: image path, size and modification time of the file holding it, and the caption."""
     for path, caption in zip(frame["filepath"].astype(str), frame["caption"].astype(str)):
-        try:
-            stat = os.stat(path)
-            parts.append(f"{path}\x1e{stat.st_size}\x1e{stat.st_mtime_ns}\x1e{caption}")
-        except OSError:
-            parts.append(f"{path}\x1emissing\x1e{caption}")
-    return cache_dir() / "features" / loaded.model_hash / text_sha256(*parts)[:32]
+        yield f"{path}\x1e{image_signature(path)}\x1e{caption}"
 
 
 def _write_shard(
@@ -227,14 +268,20 @@ def _write_shard(
     batch_size: int,
     shard_file: Path,
     reporter: Reporter,
+    done_before: int = 0,
+    total: int | None = None,
 ) -> None:
-    """Compute rows ``start:stop`` batch by batch and store them as one npz file."""
+    """Compute rows ``start:stop`` batch by batch and store them as one npz file.
+
+    Progress counts ``done_before + row`` out of ``total`` (default: ``len(paths)``).
+    """
+    total = len(paths) if total is None else total
     images, failed = [], {}
     for batch_start in range(start, stop, batch_size):
         # Progress of the previous batch; the shard's last batch is reported by the caller once the
         # shard is on disk, so a cancellation there does not throw the finished shard away.
         if batch_start > start:
-            reporter.report(FEATURES_STAGE, batch_start, len(paths))
+            reporter.report(FEATURES_STAGE, done_before + batch_start, total)
         batch_stop = min(batch_start + batch_size, stop)
         pixels, batch_failed = load_images(paths[batch_start:batch_stop], loaded.preprocess)
         images.append(encode_images(loaded, pixels))
@@ -250,6 +297,13 @@ def _write_shard(
         failed_reasons=np.asarray(list(failed.values()), dtype=str),
     )
     atomic_write_bytes(shard_file, buffer.getvalue())
+
+
+def _read_shard(shard_file: Path) -> Features:
+    """One cache shard written by :func:`_write_shard` (``failed`` positions within the shard)."""
+    with np.load(shard_file) as shard:
+        failed = dict(zip(shard["failed_rows"].tolist(), shard["failed_reasons"].tolist(), strict=True))
+        return Features(image=shard["image"], text=shard["text"], failed=failed)
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
