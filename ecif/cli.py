@@ -215,6 +215,29 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score_features(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ecif.influence.streaming import FeatureStore, LocalExecutor, RayExecutor, StreamingConfig, read_scores, score_store
+    from ecif.tasks.engine import load_heads
+
+    scope, theta, _ = load_heads(Path(args.heads))
+    config = StreamingConfig(
+        batch_size=args.batch_size, delta=args.delta, damping=args.damping, self_influence=args.self_influence
+    )
+    trusted = FeatureStore.open(args.trusted).in_memory(args.batch_size)
+    executor = LocalExecutor() if args.ray is None else RayExecutor(None if args.ray == "local" else args.ray)
+    result = score_store(FeatureStore.open(args.features), trusted, scope, theta, args.out, config, executor, _reporter(args))
+    influence = read_scores(args.out)["influence"]
+    harmful = np.argsort(influence)[: args.top]
+    payload = {"out": str(result.out_dir), "pairs": result.n_pairs, "solver": result.solver, "seconds": result.seconds,
+               "most_harmful_rows": harmful, "most_harmful_influence": influence[harmful]}
+    lines = [f"scored {result.n_pairs} pairs → {result.out_dir}/scores-*.npz (negative influence = harmful)",
+             "most harmful rows: " + ", ".join(f"{row} ({influence[row]:.3g})" for row in harmful)]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ecif.tasks.detect import detection_report
     from ecif.tasks.pipeline import default_demo_run_dir
@@ -388,6 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "score":
             p.add_argument("--top", type=int, default=10)
         p.set_defaults(handler=handler)
+
+    p = commands.add_parser("score-features", help="score many pairs from feature shards on disk (bounded memory; --ray for many machines)")
+    p.add_argument("features", help="feature store folder (ecif.influence.streaming.write_feature_store)")
+    p.add_argument("--trusted", required=True, help="feature store of the trusted set (held in memory)")
+    p.add_argument("--heads", required=True, help="heads.safetensors with the fine-tuned θ̂ (e.g. from a run folder)")
+    p.add_argument("--out", required=True, help="folder for scores-*.npz (resumable)")
+    p.add_argument("--batch-size", type=int, default=64, help="reference batch size within each shard (default 64)")
+    p.add_argument("--delta", type=float, default=1.0, help="the δ the heads were fine-tuned with (default 1.0)")
+    p.add_argument("--damping", type=float, default=1e-4)
+    p.add_argument("--self-influence", action="store_true", help="also self-influence (a [batch, parameters] Jacobian per batch: much slower)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run shards as Ray tasks: a local Ray instance, or the cluster at ADDRESS (pip install 'ecif[ray]')")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_score_features)
 
     p = commands.add_parser("demo", help="the whole path on the built-in demo data, end to end")
     _add_run_options(p, out_required=False)

@@ -102,3 +102,27 @@ def test_stored_solver_gives_the_same_answers(toy, tmp_path, name):
     vectors = torch.randn(3, toy.theta.numel(), dtype=torch.float64)
     assert torch.allclose(loaded.solve(vectors), solver.solve(vectors), rtol=1e-10)
     assert torch.allclose(loaded.inverse_quadratic(vectors), solver.inverse_quadratic(vectors), rtol=1e-10)
+
+
+def test_factored_embedding_curvature_equals_the_explicit_blocks():
+    """EK-FAC's per-pair blocks without forming them: same sum and same eigenbasis diagonals."""
+    from ecif.curvature.solvers import _EmbeddingCurvature
+
+    generator = torch.Generator().manual_seed(0)
+    size, width = 9, 6
+    u = torch.nn.functional.normalize(torch.randn(size, width, dtype=torch.float64, generator=generator), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(size, width, dtype=torch.float64, generator=generator), dim=1)
+    norms = torch.rand(size, dtype=torch.float64, generator=generator) + 0.5
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    logits = scale * u @ v.T
+    rows, cols = torch.softmax(logits, 1), torch.softmax(logits, 0)
+    # explicit M_kk = c² J_k (Σ_j w_kj v_j v_jᵀ − m_k m_kᵀ) J_k, J_k = (I − u_k u_kᵀ)/‖z_k‖
+    weights = rows + cols * (1 - cols)
+    mean = rows @ v
+    output = scale**2 * (torch.einsum("kj,je,jf->kef", weights, v, v) - mean[:, :, None] * mean[:, None, :])
+    jacobian = (torch.eye(width, dtype=torch.float64) - u[:, :, None] * u[:, None, :]) / norms[:, None, None]
+    blocks = jacobian @ output @ jacobian
+    factored = _EmbeddingCurvature.of(u, v, norms, scale, rows, cols)
+    assert torch.allclose(factored.total(), blocks.sum(0), atol=1e-11)
+    basis = torch.linalg.eigh(blocks.sum(0))[1]
+    assert torch.allclose(factored.diagonals(basis), torch.einsum("ei,kef,fi->ki", basis, blocks, basis), atol=1e-11)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Protocol
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ecif.curvature.products import CurvatureKind, curvature_product, dense_curvature, smallest_eigenvalue
-from ecif.influence.objective import HeadsProblem, embed
+from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, embed
 from ecif.progress import Reporter, as_reporter
 
 SolverName = Literal["auto", "dense", "cg", "ekfac"]
@@ -209,22 +209,121 @@ class ConjugateGradientSolver:
         }
 
 
-def _per_pair_embedding_curvature(
-    anchors: Tensor, others: Tensor, pre_norms: Tensor, scale: Tensor, own_rows: Tensor, cross_cols: Tensor
-) -> Tensor:
-    """Gauss–Newton block ``M_kk [B, e, e]`` of each pair's pre-normalisation embedding.
+@dataclass
+class _EmbeddingCurvature:
+    """Per-pair Gauss–Newton blocks ``M_kk [e, e]`` of one modality's pre-normalisation embeddings.
 
-    For image ``k``: ``c² Vᵀ(diag(p_k) − p_k p_kᵀ + diag(q_k∘(1−q_k)))V`` from its row softmax ``p_k``
-    and its entries ``q_k`` in every column softmax, pulled back through ``normalize``'s Jacobian
-    ``(I − u uᵀ)/‖z‖``.  Cross-pair blocks are what K-FAC drops.
+    For image ``k``: ``M_kk = c² J_k (Σ_j w_kj v_j v_jᵀ − m_k m_kᵀ) J_k`` with ``w_kj = p_kj +
+    q_kj(1 − q_kj)`` from its row softmax ``p_k`` and its entries ``q_k`` in every column softmax,
+    ``m_k = Σ_j p_kj v_j``, and ``J_k = (I − u_k u_kᵀ)/‖z_k‖`` the Jacobian of ``normalize``.
+    Cross-pair blocks are what K-FAC drops.  The blocks are never formed: since
+    ``J_k v_j = (v_j − a_kj u_k)/‖z_k‖`` with ``a_kj = u_k·v_j``, their sum and their diagonals in
+    an eigenbasis reduce to ``[B, B] × [B, e]`` and ``[e, B] × [B, e]`` products, ``O(B²e + Be²)``
+    per batch instead of ``O(Be³)`` (which would make ViT-B/32 heads, ``e = 512``, unaffordable).
     """
-    weights = own_rows + cross_cols * (1.0 - cross_cols)  # [B, B]
-    weighted = torch.einsum("kj,je,jf->kef", weights, others, others)
-    mean_direction = own_rows @ others  # [B, e]
-    output_hessian = scale**2 * (weighted - mean_direction[:, :, None] * mean_direction[:, None, :])
-    eye = torch.eye(anchors.shape[1], dtype=anchors.dtype)
-    jacobian = (eye - anchors[:, :, None] * anchors[:, None, :]) / pre_norms[:, None, None]
-    return jacobian @ output_hessian @ jacobian
+
+    anchors: Tensor  # u [B, e]
+    others: Tensor  # v [B, e]
+    omega: Tensor  # w_kj / ‖z_k‖² [B, B]
+    cosines: Tensor  # a_kj = u_k·v_j [B, B]
+    mean_directions: Tensor  # y_k = J_k m_k [B, e]
+    scale: Tensor
+
+    @classmethod
+    def of(cls, anchors: Tensor, others: Tensor, pre_norms: Tensor, scale: Tensor, own_rows: Tensor, cross_cols: Tensor) -> _EmbeddingCurvature:
+        weights = own_rows + cross_cols * (1.0 - cross_cols)  # [B, B]
+        mean = own_rows @ others  # m_k [B, e]
+        along = (anchors * mean).sum(dim=1, keepdim=True)
+        return cls(
+            anchors=anchors,
+            others=others,
+            omega=weights / pre_norms[:, None] ** 2,
+            cosines=anchors @ others.T,
+            mean_directions=(mean - along * anchors) / pre_norms[:, None],
+            scale=scale,
+        )
+
+    def total(self) -> Tensor:
+        """``Σ_k M_kk [e, e]``."""
+        u, v, y = self.anchors, self.others, self.mean_directions
+        cross = u.T @ ((self.omega * self.cosines) @ v)  # Σ_kj ω_kj a_kj u_k v_jᵀ
+        own = (self.omega * self.cosines**2).sum(dim=1)
+        blocks = (v.T * self.omega.sum(dim=0)) @ v - cross - cross.T + (u.T * own) @ u - y.T @ y
+        return self.scale**2 * blocks
+
+    def diagonals(self, basis: Tensor) -> Tensor:
+        """``diag(Qᵀ M_kk Q)`` per pair ``[B, e]`` for an orthonormal ``basis`` ``Q [e, e]``."""
+        u, v, y = self.anchors @ basis, self.others @ basis, self.mean_directions @ basis
+        weighted = self.omega * self.cosines
+        own = (self.omega * self.cosines**2).sum(dim=1, keepdim=True)
+        blocks = self.omega @ v**2 - 2.0 * u * (weighted @ v) + own * u**2 - y**2
+        return self.scale**2 * blocks
+
+
+FactorStatistics = dict[str, Tensor]
+"""Sums over pairs (not yet divided by ``N``) keyed ``"{image,text}.{a,g,eigenvalues}"``: add those of
+disjoint sets of batches (chunks, workers) with :func:`sum_statistics` and get those of their union."""
+
+
+def kronecker_statistics(
+    scope: HeadsScope,
+    theta: Tensor,
+    data: ContrastiveData,
+    bases: dict[str, tuple[Tensor, Tensor]] | None = None,
+    reporter: Reporter | None = None,
+) -> FactorStatistics:
+    """EK-FAC statistics of the batches of ``data``, summed over its pairs (a pure function).
+
+    Without ``bases`` (first pass): ``{name}.a = Σ h hᵀ [d, d]`` and ``{name}.g = Σ_k M_kk [e, e]``
+    per head.  With ``bases`` (second pass, ``Q_A, Q_G`` per head from the summed first pass):
+    ``{name}.eigenvalues = Σ_k (Q_Aᵀh_k)² ⊗ diag(Q_Gᵀ M_kk Q_G) [d, e]``.
+    """
+    reporter = as_reporter(reporter)
+    w_image, w_text, _ = scope.split(theta)
+    sums: FactorStatistics = {}
+    stage = "curvature (EK-FAC factors)" if bases is None else "curvature (EK-FAC eigenvalues)"
+
+    def add(key: str, value: Tensor) -> None:
+        sums[key] = sums[key] + value if key in sums else value
+
+    with torch.no_grad():
+        for position in reporter.iterate(range(len(data.batches)), stage):
+            batch = data.batches[position]
+            image, text = data.image[batch], data.text[batch]
+            u, v, scale = embed(scope, theta, image, text)
+            logits = scale * (u @ v.T)
+            rows = torch.softmax(logits, dim=1)
+            cols = torch.softmax(logits, dim=0)
+            per_modality = {
+                "image": (image, _EmbeddingCurvature.of(u, v, (image @ w_image).norm(dim=1), scale, rows, cols)),
+                "text": (text, _EmbeddingCurvature.of(v, u, (text @ w_text).norm(dim=1), scale, cols.T, rows.T)),
+            }
+            for name, (features, curvature) in per_modality.items():
+                if bases is None:
+                    add(f"{name}.a", features.T @ features)
+                    add(f"{name}.g", curvature.total())
+                else:
+                    basis_a, basis_g = bases[name]
+                    add(f"{name}.eigenvalues", ((features @ basis_a) ** 2).T @ curvature.diagonals(basis_g))
+    return sums
+
+
+def sum_statistics(parts: Iterable[FactorStatistics]) -> FactorStatistics:
+    """Key-wise sum of the statistics of disjoint sets of batches, in the order given (so a fixed
+    order gives bitwise the same sum however the parts were computed)."""
+    total: FactorStatistics = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total[key] + value if key in total else value.clone()
+    return total
+
+
+def kronecker_bases(statistics: FactorStatistics) -> dict[str, tuple[Tensor, Tensor]]:
+    """Eigenbases ``(Q_A, Q_G)`` per head of the first-pass statistics (scaling does not change them)."""
+    return {
+        name: (torch.linalg.eigh(statistics[f"{name}.a"])[1], torch.linalg.eigh(statistics[f"{name}.g"])[1])
+        for name in ("image", "text")
+    }
 
 
 class KroneckerSolver:
@@ -234,60 +333,60 @@ class KroneckerSolver:
     the eigenvalues in the Kronecker eigenbasis are refitted to ``E[(Q_Aᵀh)² ⊗ diag(Q_Gᵀ M_kk Q_G)]``
     (George et al., 2018).  The ``δ`` penalty and ``λ`` are added exactly.  A learnt logit scale gets
     its exact second derivative as a separate 1×1 block.
+
+    The statistics are sums over pairs (:func:`kronecker_statistics`), so they can be computed chunk
+    by chunk or on several workers and added (:meth:`from_statistics`; see ``ecif.influence.streaming``).
     """
 
     name = "ekfac"
 
     def __init__(self, problem: HeadsProblem, theta: Tensor, damping: float, reporter: Reporter | None = None):
         reporter = as_reporter(reporter)
-        scope = problem.scope
-        self.scope, self.damping, self.delta = scope, damping, problem.delta
-        blocks = self._accumulate(problem, theta, reporter, bases=None)
-        self.bases = {name: (torch.linalg.eigh(a)[1], torch.linalg.eigh(g)[1]) for name, (a, g, _) in blocks.items()}
-        corrected = self._accumulate(problem, theta, reporter, bases=self.bases)
-        self.eigenvalues = {name: lam for name, (_, _, lam) in corrected.items()}
-        self.scale_curvature = None
+        scope, data = problem.scope, problem.data
+        bases = kronecker_bases(kronecker_statistics(scope, theta, data, reporter=reporter))
+        eigenvalues = kronecker_statistics(scope, theta, data, bases, reporter)
+        scale_curvature = None
         if scope.learn_logit_scale:
             index = scope.size - 1
-            self.scale_curvature = float(
+            scale_curvature = float(
                 torch.func.hessian(lambda value: problem.objective(torch.cat([theta[:index], value.reshape(1)])))(
                     theta[index]
                 )
             ) + damping
-        self.smallest_eigenvalue = min(float(v.min()) for v in self.eigenvalues.values()) + problem.delta + damping
+        self._set(scope, bases, eigenvalues, data.normaliser, problem.delta, damping, scale_curvature)
 
-    def _accumulate(self, problem: HeadsProblem, theta: Tensor, reporter: Reporter, bases: dict | None) -> dict:
-        scope, data = problem.scope, problem.data
-        w_image, w_text, _ = scope.split(theta)
-        sums: dict[str, list] = {}
-        stage = "curvature (EK-FAC factors)" if bases is None else "curvature (EK-FAC eigenvalues)"
-        with torch.no_grad():
-            for position in reporter.iterate(range(len(data.batches)), stage):
-                batch = data.batches[position]
-                image, text = data.image[batch], data.text[batch]
-                u, v, scale = embed(scope, theta, image, text)
-                logits = scale * (u @ v.T)
-                rows = torch.softmax(logits, dim=1)
-                cols = torch.softmax(logits, dim=0)
-                per_modality = {
-                    "image": (image, _per_pair_embedding_curvature(u, v, (image @ w_image).norm(dim=1), scale, rows, cols)),
-                    "text": (text, _per_pair_embedding_curvature(v, u, (text @ w_text).norm(dim=1), scale, cols.T, rows.T)),
-                }
-                for name, (features, blocks) in per_modality.items():
-                    if bases is None:
-                        entry = sums.setdefault(name, [0.0, 0.0, None])
-                        entry[0] = entry[0] + features.T @ features
-                        entry[1] = entry[1] + blocks.sum(dim=0)
-                    else:
-                        basis_a, basis_g = bases[name]
-                        projected_features = (features @ basis_a) ** 2  # [B, d]
-                        projected_blocks = torch.einsum("ei,kef,fi->ki", basis_g, blocks, basis_g)  # [B, e]
-                        entry = sums.setdefault(name, [None, None, 0.0])
-                        entry[2] = entry[2] + projected_features.T @ projected_blocks
-        n = data.normaliser
-        return {
-            name: tuple(None if value is None else value / n for value in entry) for name, entry in sums.items()
-        }
+    @classmethod
+    def from_statistics(
+        cls,
+        scope: HeadsScope,
+        bases: dict[str, tuple[Tensor, Tensor]],
+        eigenvalue_sums: FactorStatistics,
+        normaliser: float,
+        delta: float,
+        damping: float,
+    ) -> KroneckerSolver:
+        """The solver from second-pass statistics summed over every batch of ``normaliser`` pairs."""
+        if scope.learn_logit_scale:
+            raise ValueError("from_statistics covers the two heads only; a learnt logit scale needs the full problem")
+        solver = cls.__new__(cls)
+        solver._set(scope, bases, eigenvalue_sums, normaliser, delta, damping, None)
+        return solver
+
+    def _set(
+        self,
+        scope: HeadsScope,
+        bases: dict[str, tuple[Tensor, Tensor]],
+        eigenvalue_sums: FactorStatistics,
+        normaliser: float,
+        delta: float,
+        damping: float,
+        scale_curvature: float | None,
+    ) -> None:
+        self.scope, self.damping, self.delta = scope, damping, delta
+        self.bases = bases
+        self.eigenvalues = {name: eigenvalue_sums[f"{name}.eigenvalues"] / normaliser for name in bases}
+        self.scale_curvature = scale_curvature
+        self.smallest_eigenvalue = min(float(v.min()) for v in self.eigenvalues.values()) + delta + damping
 
     def _split(self, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         scope = self.scope
@@ -407,8 +506,6 @@ def load_solver(path: Path, fingerprint: str) -> CurvatureSolver | None:
     damping = float(metadata["damping"])
     if metadata["solver"] == DenseSolver.name:
         return DenseSolver.from_factor(tensors["factor"], damping, metadata["kind"], float(metadata["smallest_eigenvalue"]))
-    from ecif.influence.objective import HeadsScope
-
     solver = KroneckerSolver.__new__(KroneckerSolver)
     solver.scope = HeadsScope(**json.loads(metadata["scope"]))
     solver.damping, solver.delta = damping, float(metadata["delta"])
