@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The peers of bench/peers (TRAK, kronfluence) for the benchmark and its adapter tests; never used by ecif.
+# The peers of bench/peers (TRAK, kronfluence; never used by ecif) and Ray, for the benchmarks and
+# the tests of their adapters and of the Ray path.
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -e ".[dev,bench,ray]"
 	touch $(BENCH_STAMP)
 
 .PHONY: install app test chromium demo bench
@@ -37,4 +38,9 @@ test: $(BENCH_STAMP) chromium
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/fidelity.py
 	$(BIN)/python bench/detect.py --digits
+	$(BIN)/python bench/detect.py --pretrained-pool
+	$(BIN)/python bench/edit.py
+	$(BIN)/python bench/trace.py
+	$(BIN)/python bench/scoring_time.py
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.scale

@@ -167,6 +167,23 @@ def scored_demo_run(
     return run_pipeline(config, reporter=logger.reporter(), stop_after="scores")
 
 
+def pretraining_pool_checkpoint(work: Path, name: str = "shapes", n: int = 3000, seed: int = 0) -> Path:
+    """The demo CLIP trained on a separate, clean demo set (seed ``seed + 1000``), cached.
+
+    A stand-in for a pretrained model that never saw the data being curated: the paper's protocol
+    (a pretrained CLIP, then a noisy fine-tuning set), as opposed to the default demo model, which is
+    trained on the noisy manifest itself and so has partly absorbed its corruptions.
+    """
+    from ecif.data import load_manifest, make_demo_data
+    from ecif.models import train_demo_model
+
+    folder = Path(work) / f"pool-{name}-n{n}-seed{seed + 1000}"
+    if not (folder / "manifest.csv").exists():
+        make_demo_data(name, folder, n=n, noise=0.0, seed=seed + 1000)
+    logger = StageLogger(prefix="pretraining pool: ")
+    return train_demo_model(load_manifest(folder / "manifest.csv"), reporter=logger.reporter())
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """Compact number formatting for tables (scientific for very small / large magnitudes)."""
     if value is None:

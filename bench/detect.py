@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     machine_info,
     machine_markdown,
     markdown_table,
+    pretraining_pool_checkpoint,
     scored_demo_run,
     set_threads,
     write_results,
@@ -63,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint", type=Path, default=None,
         help="score with this trained ecif-demo checkpoint instead of training one per manifest (own run folder)",
+    )
+    parser.add_argument(
+        "--pretrained-pool", action="store_true",
+        help="score with a demo CLIP trained on a separate clean demo set (the paper's protocol: pretrained model, "
+        "noisy fine-tuning data) instead of one trained on each noisy manifest; results go to NAME-pretrained",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -130,8 +136,13 @@ def render(args, machine, results: list[dict], pending: list[tuple[str, float, s
         "",
         machine_markdown(machine),
         "",
-        f"Each setting: demo data (n={args.n} over train/val/test, seed {args.seed}), the demo CLIP trained on the noisy "
-        "manifest, heads fine-tuned (settings per setting below), every training pair scored with φ = trusted (val) contrastive loss.  "
+        f"Each setting: demo data (n={args.n} over train/val/test, seed {args.seed}), "
+        + (
+            f"the demo CLIP trained on a separate clean demo set (seed {args.seed + 1000}; a stand-in for a pretrained model), "
+            if args.pretrained_pool
+            else "the demo CLIP trained on the noisy manifest, "
+        )
+        + "heads fine-tuned (settings per setting below), every training pair scored with φ = trusted (val) contrastive loss.  "
         "Suspicion direction: harmful (negative) influence, high self-influence, low CLIP-score, high pair loss.  "
         "`base rate` = fraction corrupted = AP of a random ranking.",
         "",
@@ -194,13 +205,16 @@ def main(argv=None) -> dict:
     machine = machine_info()
     work = args.work or default_work_dir()
     settings = settings_of(args)
+    if args.pretrained_pool:
+        args.name = f"{args.name}-pretrained"
     log(f"detect: {len(settings)} setting(s), n={args.n}, work folder {work}")
     results, failures = [], []
     started = time.perf_counter()
     for position, (name, noise, corruption) in enumerate(settings, start=1):
         log(f"setting {position}/{len(settings)}: {name} {noise:.0%} {corruption}")
         try:
-            results.append(evaluate_setting(work, name, args.n, noise, corruption, args.seed, args.batch_size, args.checkpoint))
+            checkpoint = pretraining_pool_checkpoint(work, name, args.n, args.seed) if args.pretrained_pool else args.checkpoint
+            results.append(evaluate_setting(work, name, args.n, noise, corruption, args.seed, args.batch_size, checkpoint))
         except Exception as error:  # keep going: one broken setting must not lose the others
             log(f"setting {name} {noise:.0%} {corruption} FAILED: {type(error).__name__}: {error}")
             failures.append({"data": name, "noise": noise, "corruption": corruption, "error": f"{type(error).__name__}: {error}"})

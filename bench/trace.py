@@ -1,18 +1,18 @@
 """Trace-back against a planted systematic corruption (ECIF_METHOD §8, "Trace-back").
 
-Half (``--noise``) of one group of training pairs gets one consistent wrong class word (shapes:
-red squares captioned as red circles; digits: white ones captioned as zeros).  The demo CLIP is
+A share (``--noise``, default all) of one group of training pairs gets one consistent wrong class
+word (shapes: red squares captioned as red circles; digits: white ones captioned as zeros).  The demo CLIP is
 trained on that manifest and every pair scored; then, for every test item of the group that the
 model gets wrong, ``ecif.trace`` ranks the training pairs by their effect on that item's zero-shot
 loss, and we count how many of its top-k culprits are planted pairs (precision@k), with the
 relative score (RelatIF, the default) and the plain influence.  The base rate is the share of
 planted pairs in the whole training set (what a random ranking would get).
 
-    .venv/bin/python bench/trace.py                # shapes, n=3000, half of the red squares → circles
-    .venv/bin/python bench/trace.py --name digits
+    .venv/bin/python bench/trace.py                # shapes, n=3000, every red square captioned as a circle
+    .venv/bin/python bench/trace.py --noise 0.5    # half of them
 
 With a third of the group mislabelled the demo CLIP still gets every test item of the group right
-(the majority wins), so there are no mistakes to trace; half is the default.
+(the majority wins) and with half it makes one mistake, so the default mislabels the whole group.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="shapes", choices=["shapes", "digits"])
     parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--noise", type=float, default=0.5, help="share of the group's training pairs mislabelled")
+    parser.add_argument("--noise", type=float, default=1.0, help="share of the group's training pairs mislabelled")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

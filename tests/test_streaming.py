@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fixtures_data import TINY_COLOURS, write_png
+from test_features import _count_encoded_images
 from PIL import Image
 
 import ecif.models.features as features_module
@@ -228,18 +229,6 @@ def test_tar_glob_and_a_sample_missing_from_a_cut_short_tar(tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------- chunked feature extraction
-
-
-def _count_encoded_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    original = features_module.encode_images
-
-    def counting(loaded, images):
-        calls.append(len(images))
-        return original(loaded, images)
-
-    monkeypatch.setattr(features_module, "encode_images", counting)
-    return calls
 
 
 def test_chunk_features_resume_after_a_crash_and_match_the_whole_frame(
