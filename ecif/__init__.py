@@ -26,6 +26,7 @@ _EXPORTS = {
     "CurvatureConfig": "ecif.curvature.solvers",
     "DemoDataConfig": "ecif.tasks.pipeline",
     "EditResult": "ecif.tasks.clean",
+    "FeatureStore": "ecif.influence.streaming",
     "FinetuneConfig": "ecif.models.heads",
     "FinetuneReport": "ecif.models.heads",
     "HeadsProblem": "ecif.influence.objective",
@@ -33,26 +34,34 @@ _EXPORTS = {
     "Reporter": "ecif.progress",
     "Run": "ecif.run",
     "RunConfig": "ecif.tasks.pipeline",
+    "StreamingConfig": "ecif.influence.streaming",
     "apply_edit": "ecif.tasks.clean",
     "build_solver": "ecif.curvature.solvers",
     "detection_report": "ecif.tasks.detect",
     "finetune_heads": "ecif.models.heads",
     "flag": "ecif.tasks.detect",
     "influence_on": "ecif.influence.scores",
+    "iter_manifest_chunks": "ecif.data.manifest",
+    "load_manifest": "ecif.data.manifest",
     "mispredictions": "ecif.tasks.trace",
     "predict_edit": "ecif.tasks.clean",
+    "read_scores": "ecif.influence.streaming",
     "reference_batches": "ecif.influence.objective",
     "run_pipeline": "ecif.tasks.pipeline",
+    "score_store": "ecif.influence.streaming",
     "score_training_pairs": "ecif.tasks.evaluate",
     "self_influence": "ecif.influence.scores",
     "trace": "ecif.tasks.trace",
     "verify_by_refit": "ecif.tasks.clean",
+    "write_feature_store": "ecif.influence.streaming",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.data.manifest import iter_manifest_chunks, load_manifest
     from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
     from ecif.influence.scores import influence_on, self_influence
+    from ecif.influence.streaming import FeatureStore, StreamingConfig, read_scores, score_store, write_feature_store
     from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads
     from ecif.progress import Cancelled, Reporter
     from ecif.run import Run
@@ -77,6 +86,7 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "CurvatureConfig",
     "DemoDataConfig",
     "EditResult",
+    "FeatureStore",
     "FinetuneConfig",
     "FinetuneReport",
     "HeadsProblem",
@@ -84,18 +94,24 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "Reporter",
     "Run",
     "RunConfig",
+    "StreamingConfig",
     "apply_edit",
     "build_solver",
     "detection_report",
     "finetune_heads",
     "flag",
     "influence_on",
+    "iter_manifest_chunks",
+    "load_manifest",
     "mispredictions",
     "predict_edit",
+    "read_scores",
     "reference_batches",
     "run_pipeline",
+    "score_store",
     "score_training_pairs",
     "self_influence",
     "trace",
     "verify_by_refit",
+    "write_feature_store",
 ]
