@@ -58,13 +58,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
     import ecif
-    from ecif.data.demo import DIGITS, SHAPES, _systematic_group
+    from ecif.data.demo import systematic_group
     from ecif.tasks.trace import zero_shot_table
 
     machine = machine_info()
     started = time.perf_counter()
     run = scored_demo_run(args.work or default_work_dir(), args.name, args.n, round(args.noise, 4), "systematic", args.seed)
-    label, colour, wrong = _systematic_group(SHAPES if args.name == "shapes" else DIGITS)
+    label, colour, wrong = systematic_group(args.name)
     manifest = run.manifest()
     train = manifest[manifest["split"] == "train"]
     planted = train["corrupted"].astype(bool)

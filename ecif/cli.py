@@ -216,8 +216,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_score_features(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from ecif.influence.streaming import FeatureStore, LocalExecutor, RayExecutor, StreamingConfig, read_scores, score_store
     from ecif.tasks.engine import load_heads
 

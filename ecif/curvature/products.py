@@ -166,6 +166,7 @@ def _embedding_curvature(
     rows, cols = torch.softmax(logits, dim=1), torch.softmax(logits, dim=0)
     eye_batch = torch.eye(batch, dtype=u.dtype)
     eye_width = torch.eye(width, dtype=u.dtype)
+    loss_gradient = rows + cols - 2.0 * eye_batch  # G = ∂L/∂S
 
     def same_side(anchor: Tensor, other: Tensor, own: Tensor, cross: Tensor) -> Tensor:
         # own[i, j]: anchor i's softmax over the others; cross[i, j]: anchor i's entry in other j's softmax
@@ -181,7 +182,7 @@ def _embedding_curvature(
         + torch.einsum("ij,ja,ijb->iajb", cols, v, u[:, None, :] - (cols.T @ u)[None, :, :])
     )
     if kind == "hessian":
-        image_text = image_text + scale * torch.einsum("ij,ab->iajb", rows + cols - 2.0 * eye_batch, eye_width)
+        image_text = image_text + scale * torch.einsum("ij,ab->iajb", loss_gradient, eye_width)
 
     def through_normalize(block: Tensor, left: Tensor, right: Tensor) -> Tensor:
         return torch.einsum("iac,icjd,jdb->iajb", left, block, right)
@@ -192,7 +193,6 @@ def _embedding_curvature(
     text_text = through_normalize(text_text, jacobian_v, jacobian_v)
     image_text = through_normalize(image_text, jacobian_u, jacobian_v)
     if kind == "hessian":
-        loss_gradient = rows + cols - 2.0 * eye_batch
         for block, unit, norm, gradient in (
             (image_image, u, norm_u, scale * loss_gradient @ v),
             (text_text, v, norm_v, scale * loss_gradient.T @ u),
@@ -223,7 +223,6 @@ def smallest_eigenvalue(
     contrastive Hessian is clustered near ``δ``, where Lanczos converges slowly, and a report needs
     the sign and rough size, not ten digits.  Without convergence the smallest Ritz value is returned.
     """
-    import numpy as np
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     def matvec(vector: np.ndarray) -> np.ndarray:

@@ -279,33 +279,36 @@ def kronecker_statistics(
     ``{name}.eigenvalues = Σ_k (Q_Aᵀh_k)² ⊗ diag(Q_Gᵀ M_kk Q_G) [d, e]``.
     """
     reporter = as_reporter(reporter)
-    w_image, w_text, _ = scope.split(theta)
-    sums: FactorStatistics = {}
     stage = "curvature (EK-FAC factors)" if bases is None else "curvature (EK-FAC eigenvalues)"
-
-    def add(key: str, value: Tensor) -> None:
-        sums[key] = sums[key] + value if key in sums else value
-
     with torch.no_grad():
-        for position in reporter.iterate(range(len(data.batches)), stage):
-            batch = data.batches[position]
-            image, text = data.image[batch], data.text[batch]
-            u, v, scale = embed(scope, theta, image, text)
-            logits = scale * (u @ v.T)
-            rows = torch.softmax(logits, dim=1)
-            cols = torch.softmax(logits, dim=0)
-            per_modality = {
-                "image": (image, _EmbeddingCurvature.of(u, v, (image @ w_image).norm(dim=1), scale, rows, cols)),
-                "text": (text, _EmbeddingCurvature.of(v, u, (text @ w_text).norm(dim=1), scale, cols.T, rows.T)),
-            }
-            for name, (features, curvature) in per_modality.items():
-                if bases is None:
-                    add(f"{name}.a", features.T @ features)
-                    add(f"{name}.g", curvature.total())
-                else:
-                    basis_a, basis_g = bases[name]
-                    add(f"{name}.eigenvalues", ((features @ basis_a) ** 2).T @ curvature.diagonals(basis_g))
-    return sums
+        return sum_statistics(
+            _batch_statistics(scope, theta, data.image[batch], data.text[batch], bases)
+            for batch in reporter.iterate(data.batches, stage)
+        )
+
+
+def _batch_statistics(
+    scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor, bases: dict[str, tuple[Tensor, Tensor]] | None
+) -> FactorStatistics:
+    """The :func:`kronecker_statistics` of one reference batch."""
+    w_image, w_text, _ = scope.split(theta)
+    u, v, scale = embed(scope, theta, image, text)
+    logits = scale * (u @ v.T)
+    rows = torch.softmax(logits, dim=1)
+    cols = torch.softmax(logits, dim=0)
+    per_modality = {
+        "image": (image, _EmbeddingCurvature.of(u, v, (image @ w_image).norm(dim=1), scale, rows, cols)),
+        "text": (text, _EmbeddingCurvature.of(v, u, (text @ w_text).norm(dim=1), scale, cols.T, rows.T)),
+    }
+    statistics: FactorStatistics = {}
+    for name, (features, curvature) in per_modality.items():
+        if bases is None:
+            statistics[f"{name}.a"] = features.T @ features
+            statistics[f"{name}.g"] = curvature.total()
+        else:
+            basis_a, basis_g = bases[name]
+            statistics[f"{name}.eigenvalues"] = ((features @ basis_a) ** 2).T @ curvature.diagonals(basis_g)
+    return statistics
 
 
 def sum_statistics(parts: Iterable[FactorStatistics]) -> FactorStatistics:
@@ -506,13 +509,12 @@ def load_solver(path: Path, fingerprint: str) -> CurvatureSolver | None:
     damping = float(metadata["damping"])
     if metadata["solver"] == DenseSolver.name:
         return DenseSolver.from_factor(tensors["factor"], damping, metadata["kind"], float(metadata["smallest_eigenvalue"]))
-    solver = KroneckerSolver.__new__(KroneckerSolver)
-    solver.scope = HeadsScope(**json.loads(metadata["scope"]))
-    solver.damping, solver.delta = damping, float(metadata["delta"])
-    names = ("image", "text")
-    solver.bases = {n: (tensors[f"{n}.basis_a"], tensors[f"{n}.basis_g"]) for n in names}
-    solver.eigenvalues = {n: tensors[f"{n}.eigenvalues"] for n in names}
+    bases = {n: (tensors[f"{n}.basis_a"], tensors[f"{n}.basis_g"]) for n in ("image", "text")}
     scale = metadata["scale_curvature"]
-    solver.scale_curvature = None if scale == "None" else float(scale)
-    solver.smallest_eigenvalue = float(metadata["smallest_eigenvalue"])
+    solver = KroneckerSolver.__new__(KroneckerSolver)
+    # The stored eigenvalues are already divided by N: a normaliser of 1 keeps them as they are.
+    solver._set(
+        HeadsScope(**json.loads(metadata["scope"])), bases, tensors, 1.0, float(metadata["delta"]), damping,
+        None if scale == "None" else float(scale),
+    )
     return solver

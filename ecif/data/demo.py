@@ -269,6 +269,11 @@ def _systematic_group(spec: _Spec) -> tuple[str, str, str]:
     return classes[1], spec.attributes["colour"][0], classes[0]
 
 
+def systematic_group(name: DemoName) -> tuple[str, str, str]:
+    """``(class, colour, wrong class)`` of the ``systematic`` corruption of the demo data set ``name``."""
+    return _systematic_group(_DATASETS[name][0])
+
+
 def _corrupt_caption(
     spec: _Spec,
     kind: str,

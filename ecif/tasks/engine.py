@@ -25,6 +25,7 @@ from ecif.influence.test_functions import ZeroShotPrompts, validation_loss
 from ecif.models.heads import FinetuneConfig
 from ecif.paths import text_sha256
 from ecif.run import FEATURES_FILE, HEADS_FILE, Run
+from ecif.tasks.pipeline import RunConfig
 
 PROMPTS_FILE = "prompts.npz"
 CURVATURE_FILE = "curvature.safetensors"
@@ -156,7 +157,7 @@ def load_engine(run: Run | str | Path) -> Engine:
     if run.has(PROMPTS_FILE):
         with np.load(run.path(PROMPTS_FILE), allow_pickle=False) as stored:
             prompts = ZeroShotPrompts.from_arrays(stored["features"], stored["class_index"], stored["names"].tolist())
-    settings = info.get("settings", {})
+    config = RunConfig.from_settings(run.directory, info.get("settings", {}))
     engine = Engine(
         run=run,
         scope=scope,
@@ -166,10 +167,10 @@ def load_engine(run: Run | str | Path) -> Engine:
         image=image,
         text=text,
         train_rows=split_rows(manifest, "train"),
-        trusted_rows=split_rows(manifest, settings.get("trusted_split", "val")),
+        trusted_rows=split_rows(manifest, config.trusted_split),
         prompts=prompts,
-        finetune=FinetuneConfig(**settings.get("finetune", {})),
-        curvature=CurvatureConfig.from_dict(settings.get("curvature", {})),
+        finetune=config.finetune,
+        curvature=config.curvature,
     )
     with _ENGINES_LOCK:
         _ENGINES.clear()  # one run at a time per process: the dense solver can be large
