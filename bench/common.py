@@ -134,11 +134,14 @@ def scored_demo_run(
     seed: int = 0,
     batch_size: int | None = None,
     checkpoint: Path | None = None,
+    delta: float | None = None,
 ):
     """A demo run scored up to the ``scores`` stage (resumes whatever already finished).
 
     ``checkpoint``: score with this already-trained ``ecif-demo`` checkpoint instead of training the
     demo CLIP on the manifest (e.g. to compare fine-tuning settings on the very same backbone).
+    ``delta``: the fine-tuning penalty towards the starting heads, when asked for explicitly (adds a
+    ``-dX`` suffix to the folder).
 
     A folder that already holds a run keeps the settings it was made with (recorded in run.json),
     even if the library's defaults changed since; the scripts print and record those settings.
@@ -152,6 +155,8 @@ def scored_demo_run(
         from ecif.paths import file_sha256
 
         run_dir = run_dir.with_name(f"{run_dir.name}-ckpt{file_sha256(checkpoint)[:8]}")
+    if delta is not None:
+        run_dir = run_dir.with_name(f"{run_dir.name}-d{delta:g}")
     stored = Run(run_dir).info.get("settings") if (run_dir / "run.json").exists() else None
     if stored:
         config = RunConfig.from_settings(run_dir, stored)
@@ -161,6 +166,8 @@ def scored_demo_run(
         )
         if batch_size:
             config.finetune = dataclasses.replace(config.finetune, batch_size=batch_size)
+        if delta is not None:
+            config.finetune = dataclasses.replace(config.finetune, delta=delta)
         if checkpoint is not None:
             config.model, config.checkpoint = "ecif-demo", Path(checkpoint).resolve()
     logger = StageLogger(prefix=f"{run_dir.name}: ")

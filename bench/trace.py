@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     machine_info,
     machine_markdown,
     markdown_table,
+    pretraining_pool_checkpoint,
     scored_demo_run,
     set_threads,
     publish,
@@ -45,12 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", default="shapes", choices=["shapes", "digits"])
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=1.0, help="share of the group's training pairs mislabelled")
+    parser.add_argument("--delta", type=float, default=None, help="fine-tuning penalty towards the starting heads (default: the library's)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--result-name", default="trace")
+    parser.add_argument("--result-name", default=None, help="default: trace, or trace-pretrained with --pretrained-pool")
+    parser.add_argument(
+        "--pretrained-pool", action="store_true",
+        help="fine-tune from a demo CLIP trained on a separate clean demo set (the paper's protocol: pretrained model, "
+        "noisy fine-tuning data), so the planted pairs act only through the fine-tuning that ECIF models",
+    )
     return parser.parse_args(argv)
 
 
@@ -63,7 +70,11 @@ def main(argv=None) -> dict:
 
     machine = machine_info()
     started = time.perf_counter()
-    run = scored_demo_run(args.work or default_work_dir(), args.name, args.n, round(args.noise, 4), "systematic", args.seed)
+    work = args.work or default_work_dir()
+    checkpoint = pretraining_pool_checkpoint(work, args.name, args.n, args.seed) if args.pretrained_pool else None
+    run = scored_demo_run(work, args.name, args.n, round(args.noise, 4), "systematic", args.seed, checkpoint=checkpoint,
+                          delta=args.delta)
+    result_name = args.result_name or ("trace-pretrained" if args.pretrained_pool else "trace")
     label, colour, wrong = systematic_group(args.name)
     manifest = run.manifest()
     train = manifest[manifest["split"] == "train"]
@@ -120,7 +131,7 @@ def main(argv=None) -> dict:
     ])
     payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "items": per_item,
                "table": rows, "base_rate": base_rate, "markdown": markdown}
-    publish(args.result_name, payload, markdown, args.results)
+    publish(result_name, payload, markdown, args.results)
     return payload
 
 

@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("detect", help="flag misaligned pairs (and measure against ground truth)")
     p.add_argument("--run", required=True)
-    p.add_argument("--method", default="influence", choices=["influence", "self_influence"])
+    p.add_argument("--method", default="influence", choices=["influence", "self_influence", "self_influence_first_order"])
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_detect)

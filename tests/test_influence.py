@@ -46,14 +46,35 @@ def test_parts_sum_and_match_explicit_per_pair_gradients(setting):
     assert np.allclose(influence.influence, explicit, rtol=1e-8, atol=1e-12)
 
 
-def test_self_influence_is_the_inverse_curvature_quadratic_form(setting):
+def _removal_gradient(toy, pair: int, negative: str) -> torch.Tensor:
+    """``∇(Pos_n + Neg_n)`` of one pair by autograd through the whole objective's pair terms."""
+    name = "neg" if negative == "exact" else "neg_first_order"
+
+    def removal_terms(theta):
+        terms = pair_terms(toy.problem.scope, theta, toy.problem.data)
+        return terms["pos"][pair] + terms[name][pair]
+
+    return torch.func.grad(removal_terms)(toy.theta)
+
+
+@pytest.mark.parametrize("negative", ["exact", "first_order"])
+def test_self_influence_is_the_inverse_curvature_quadratic_form(setting, negative):
     toy, solver, _, _ = setting
-    values = self_influence(toy.problem, toy.theta, solver)
+    values = self_influence(toy.problem, toy.theta, solver, negative=negative)
     hessian_inverse = torch.linalg.inv(solver.matrix)
-    for rows, gradients in per_pair_gradients(toy.problem, toy.theta):
-        expected = torch.einsum("kp,pq,kq->k", gradients, hessian_inverse, gradients) / toy.problem.data.normaliser
-        assert np.allclose(values[rows.numpy()], expected.numpy(), rtol=1e-7)
+    for pair in (0, 37, 99):
+        gradient = _removal_gradient(toy, pair, negative)
+        expected = gradient @ hessian_inverse @ gradient / toy.problem.data.normaliser
+        assert np.isclose(values[pair], float(expected), rtol=1e-7)
     assert (values > 0).all()
+
+
+def test_self_influence_forms_differ_where_negatives_are_confident(setting):
+    """The two forms of Neg give different self-influences (else the first-order column is redundant)."""
+    toy, solver, _, _ = setting
+    exact = self_influence(toy.problem, toy.theta, solver)
+    first = self_influence(toy.problem, toy.theta, solver, negative="first_order")
+    assert np.abs(exact - first).max() > 0.05 * np.abs(exact).max()
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ method                 value for pair ``n``                              sign / 
 ``ecif_first_order``   same with the first-order ``Neg_n`` (ecif)        Δφ; harmful = negative
 ``pos_only``           ``(1/N) ∇Pos_nᵀ H⁻¹ ∇φ`` (ecif ``influence_pos``)  Δφ; harmful = negative
 ``ecif_self``          ``(1/N) ∇g_nᵀ H⁻¹ ∇g_n``, ``g = Pos+Neg`` (ecif)   ≥ 0; high = suspicious
+``ecif_self_first``    same with the first-order ``Neg_n`` (ecif)        ≥ 0; high = suspicious
 ``tracin``             ``(1/N) ∇Pos_nᵀ ∇φ`` (one checkpoint θ̂, H = I)     Δφ with H=I; harmful = neg.
 ``tracin_self``        ``‖∇Pos_n‖²``                                      ≥ 0; high = suspicious
 ``trak``               mean over val pairs of TRAK's score (traker)      + = supports; harmful = neg.
@@ -135,12 +136,19 @@ def ecif_ekfac(problem, theta, validation, damping: float = 1e-4) -> np.ndarray:
     return ecif_exact(problem, theta, validation, ekfac_solver(problem, theta, damping), damping)
 
 
-def ecif_self(problem, theta, validation=None, solver=None, damping: float = 1e-4) -> np.ndarray:
+def ecif_self(
+    problem, theta, validation=None, solver=None, damping: float = 1e-4, negative: str = "exact"
+) -> np.ndarray:
     """ECIF self-influence ``(1/N) ∇g_nᵀ H⁻¹ ∇g_n`` (ecif ``self_influence``; no trusted set): high = suspicious."""
     from ecif.influence.scores import self_influence
 
     solver = solver if solver is not None else default_solver(problem, theta, damping)
-    return self_influence(problem, theta, solver)
+    return self_influence(problem, theta, solver, negative=negative)
+
+
+def ecif_self_first_order(problem, theta, validation=None, solver=None, damping: float = 1e-4) -> np.ndarray:
+    """ECIF self-influence with the first-order ``Neg_n`` (ecif ``self_influence_first_order``)."""
+    return ecif_self(problem, theta, validation, solver, damping, negative="first_order")
 
 
 def _ecif_matrix(problem, theta, validation, solver=None, damping: float = 1e-4, form: str = "exact") -> np.ndarray:
@@ -270,7 +278,9 @@ METHODS: dict[str, Method] = {
                lambda p, t, v, solver=None, **o: _ecif_matrix(p, t, v, solver, form="pos"), uses_solver=True),
         Method("ecif_ekfac", "ECIF exact, EK-FAC curvature (ours)", ecif_ekfac, -1.0, "influence",
                lambda p, t, v, **o: _ecif_matrix(p, t, v, ekfac_solver(p, t), form="exact")),
-        Method("ecif_self", "ECIF self-influence", ecif_self, 1.0, "diagnostic", uses_solver=True),
+        Method("ecif_self", "ECIF self-influence (ours)", ecif_self, 1.0, "diagnostic", uses_solver=True),
+        Method("ecif_self_first", "ECIF self-influence, first order (ours)", ecif_self_first_order, 1.0, "diagnostic",
+               uses_solver=True),
         Method("tracin", "TracIn (1 ckpt)", tracin, -1.0, "influence", lambda p, t, v, **o: tracin_matrix(p, t, v)),
         Method("tracin_self", "TracIn self-influence", tracin_self, 1.0, "diagnostic"),
         Method("trak", "TRAK (traker)", trak, -1.0, "influence", trak_matrix, requires=("trak",)),

@@ -92,16 +92,24 @@ def per_pair_gradients(
 
 
 def self_influence(
-    problem: HeadsProblem, theta: Tensor, solver: CurvatureSolver, reporter: Reporter | None = None
+    problem: HeadsProblem,
+    theta: Tensor,
+    solver: CurvatureSolver,
+    reporter: Reporter | None = None,
+    negative: NegativeForm = "exact",
 ) -> np.ndarray:
     """``(1/N) ∇g_nᵀ H⁻¹ ∇g_n`` per pair ``[N]`` (``g = Pos + Neg``; ≥ 0; high = suspicious).
 
     It is the predicted rise of the pair's own removal terms if it were left out: a mislabel signal
-    that needs no trusted set.  ``sqrt(self_influence / N)`` is also ``‖Δθ_n‖`` in the ``H`` metric.
+    that needs no trusted set.  With ``negative="exact"``, ``sqrt(self_influence / N)`` is also
+    ``‖Δθ_n‖`` in the ``H`` metric.  ``negative="first_order"`` takes ``Neg_n`` in its first-order
+    form ``Σ p``: bench/detect measured it the better mislabel detector in every setting (the exact
+    ``−Σ log(1−p)`` gradient adds a term that is large for confidently separated negatives, which
+    says little about whether the pair's own caption is wrong).
     """
     reporter = as_reporter(reporter)
     values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype)
-    batches = per_pair_gradients(problem, theta)
+    batches = per_pair_gradients(problem, theta, negative)
     for rows, gradients in reporter.iterate(batches, "self-influence", total=len(problem.data.batches)):
         values[rows] = solver.inverse_quadratic(gradients) / problem.data.normaliser
     return values.numpy()

@@ -20,11 +20,20 @@ SUSPICION: dict[str, float] = {
     "influence_pos": -1.0,
     "influence_neg": -1.0,
     "self_influence": 1.0,
+    "self_influence_first_order": 1.0,
     "clip_score": -1.0,  # a poor match between image and caption
     "loss": 1.0,
 }
 
-DETECTION_COLUMNS = ("influence", "influence_first_order", "influence_pos_only", "self_influence", "clip_score", "loss")
+DETECTION_COLUMNS = (
+    "influence",
+    "influence_first_order",
+    "influence_pos_only",
+    "self_influence",
+    "self_influence_first_order",
+    "clip_score",
+    "loss",
+)
 
 
 def suspicion(scores: pd.DataFrame, column: str) -> np.ndarray:
@@ -34,13 +43,14 @@ def suspicion(scores: pd.DataFrame, column: str) -> np.ndarray:
 
 def flag(
     scores: pd.DataFrame,
-    method: Literal["influence", "self_influence"] = "influence",
+    method: Literal["influence", "self_influence", "self_influence_first_order"] = "influence",
     top_k: int | None = None,
     threshold: float | None = None,
 ) -> pd.DataFrame:
     """Flagged pairs, most suspicious first.
 
-    ``method="influence"`` uses harm on the trusted set; ``"self_influence"`` needs no trusted set.
+    ``method="influence"`` uses harm on the trusted set; the self-influences need no trusted set
+    (``"self_influence_first_order"`` is the better detector of wrong captions in bench/detect).
     Give ``top_k`` or a ``threshold`` on the oriented score (for influence: flag when
     ``influence < -threshold``); with neither, every pair with harmful influence is flagged
     (``influence < 0``), or for self-influence the top 10%.

@@ -26,6 +26,7 @@ INFLUENCE_COLUMNS = (
     "influence_first_order",
     "influence_pos_only",
     "self_influence",
+    "self_influence_first_order",
 )
 BASELINE_COLUMNS = ("clip_score", "loss")
 CARRIED_COLUMNS = ("uid", "filepath", "caption", "split", "label")
@@ -69,19 +70,21 @@ def score_training_pairs(
 
     ``test_function`` is any differentiable ``θ → scalar``; the default is the trusted split's
     contrastive loss.  Columns: ``row`` (manifest row), carried manifest columns and extras,
-    ``influence`` (+ ``_pos``/``_neg`` parts, ``_first_order``, ``_pos_only``), ``self_influence``,
-    ``clip_score``, ``loss``, ``rank`` (1 = most harmful) and ``suggested_action``.
+    ``influence`` (+ ``_pos``/``_neg`` parts, ``_first_order``, ``_pos_only``), ``self_influence``
+    (and ``self_influence_first_order``, the better mislabel detector), ``clip_score``, ``loss``, ``rank`` (1 = most harmful) and ``suggested_action``.
     """
     reporter = as_reporter(reporter)
     engine = load_engine(run)
     problem, theta = engine.problem, engine.theta
     function = test_function or engine.trusted_loss()
-    reporter.report("scores", 0, 3)
+    reporter.report("scores", 0, 4)
     influence = influence_on(problem, theta, engine.solver, gradient_of(function, theta))
     table = influence_table(engine, influence)
-    reporter.report("scores", 1, 3)
+    reporter.report("scores", 1, 4)
     table["self_influence"] = self_influence(problem, theta, engine.solver, reporter)
-    reporter.report("scores", 2, 3)
+    reporter.report("scores", 2, 4)
+    table["self_influence_first_order"] = self_influence(problem, theta, engine.solver, reporter, "first_order")
+    reporter.report("scores", 3, 4)
     with torch.no_grad():
         table["clip_score"] = clip_scores(engine.scope, theta, problem.data.image, problem.data.text).numpy()
         table["loss"] = pair_losses(engine.scope, theta, problem.data).numpy()
@@ -92,7 +95,7 @@ def score_training_pairs(
     table = pd.concat([table, manifest.loc[table["row"], carried].reset_index(drop=True)], axis=1)
     ordered = ["row", *[c for c in CARRIED_COLUMNS if c in table.columns]]
     ordered += [c for c in table.columns if c not in ordered]
-    reporter.report("scores", 3, 3)
+    reporter.report("scores", 4, 4)
     return table[ordered].sort_values("rank").reset_index(drop=True)
 
 

@@ -132,6 +132,21 @@ def _stage(run: Run, name: str, reporter: Reporter, work: Callable[[], dict | No
     reporter.report(name, 1, 1)
 
 
+def _forget_outdated_scores(run: Run) -> None:
+    """Mark the scores stage undone when its table lacks a score column this version computes.
+
+    Scoring is seconds once the curvature is stored, so an upgraded library refills the table
+    rather than serving a run without its newer columns; nothing else of the run is redone.
+    """
+    from ecif.tasks.evaluate import INFLUENCE_COLUMNS
+
+    stages = run.info.get("stages", {})
+    scores = stages.get("scores", {})
+    if scores.get("done") and not set(INFLUENCE_COLUMNS) <= set(scores.get("columns", ())):
+        stages["scores"] = {**scores, "done": False}
+        run.update_info(stages=stages)
+
+
 def _model_location(config: RunConfig, run: Run) -> tuple[str, Path | None]:
     if config.model == "demo":
         return DEMO_MODEL_NAME, Path(run.info["demo_checkpoint"])
@@ -181,6 +196,7 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         )
     if previous is None:
         run.update_info(settings=settings, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ecif_version="0.1.0")
+    _forget_outdated_scores(run)
     loaded_manifest = {}
 
     def manifest_path() -> Path:
@@ -284,12 +300,12 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         return engine.solver.describe()
 
     def scores_stage() -> dict:
-        from ecif.tasks.evaluate import score_training_pairs, write_embeddings
+        from ecif.tasks.evaluate import INFLUENCE_COLUMNS, score_training_pairs, write_embeddings
 
         write_embeddings(run)
         scores = score_training_pairs(run, reporter=reporter)
         atomic_write_parquet(run.path(SCORES_FILE), scores)
-        return {"pairs": int(len(scores))}
+        return {"pairs": int(len(scores)), "columns": [c for c in INFLUENCE_COLUMNS if c in scores.columns]}
 
     def mispredictions_stage() -> dict:
         from ecif.tasks.trace import zero_shot_table
