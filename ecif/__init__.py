@@ -38,6 +38,7 @@ _EXPORTS = {
     "apply_edit": "ecif.tasks.clean",
     "build_solver": "ecif.curvature.solvers",
     "detection_report": "ecif.tasks.detect",
+    "extract_feature_store": "ecif.tasks.extract",
     "finetune_heads": "ecif.models.heads",
     "flag": "ecif.tasks.detect",
     "influence_on": "ecif.influence.scores",
@@ -45,6 +46,8 @@ _EXPORTS = {
     "load_manifest": "ecif.data.manifest",
     "mispredictions": "ecif.tasks.trace",
     "predict_edit": "ecif.tasks.clean",
+    "read_left_out": "ecif.tasks.extract",
+    "read_row_map": "ecif.tasks.extract",
     "read_scores": "ecif.influence.streaming",
     "reference_batches": "ecif.influence.objective",
     "run_pipeline": "ecif.tasks.pipeline",
@@ -67,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ecif.run import Run
     from ecif.tasks.clean import EditResult, apply_edit, predict_edit, verify_by_refit
     from ecif.tasks.detect import detection_report, flag
+    from ecif.tasks.extract import extract_feature_store, read_left_out, read_row_map
     from ecif.tasks.evaluate import score_training_pairs
     from ecif.tasks.pipeline import DemoDataConfig, RunConfig, run_pipeline
     from ecif.tasks.trace import mispredictions, trace
@@ -98,6 +102,7 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "apply_edit",
     "build_solver",
     "detection_report",
+    "extract_feature_store",
     "finetune_heads",
     "flag",
     "influence_on",
@@ -105,6 +110,8 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "load_manifest",
     "mispredictions",
     "predict_edit",
+    "read_left_out",
+    "read_row_map",
     "read_scores",
     "reference_batches",
     "run_pipeline",

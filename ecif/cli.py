@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ecif.data.demo import Corruption
+from ecif.data.manifest import STREAM_ROWS_PER_CHUNK
 from ecif.progress import Reporter
 
 EXIT_USAGE = 2
@@ -215,23 +216,54 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor(args: argparse.Namespace):
+    from ecif.influence.streaming import LocalExecutor, RayExecutor
+
+    return LocalExecutor() if args.ray is None else RayExecutor(None if args.ray == "local" else args.ray)
+
+
+def cmd_extract_features(args: argparse.Namespace) -> int:
+    from ecif.tasks.extract import LEFT_OUT_GLOB, extract_feature_store, read_left_out
+
+    store = extract_feature_store(
+        args.manifest, args.out, args.model, args.checkpoint, args.pretrained, splits=args.split,
+        rows_per_chunk=args.rows_per_chunk, batch_size=args.batch_size, executor=_executor(args), reporter=_reporter(args),
+    )
+    left_out = read_left_out(store.directory)
+    payload = {"store": store.directory, "pairs": store.n_pairs, "shards": store.n_shards, "image_dim": store.image_dim,
+               "text_dim": store.text_dim, "left_out_rows": len(left_out), "left_out": left_out.head(args.top)}
+    text = f"wrote {store.n_pairs} pairs in {store.n_shards} shards → {store.directory} (image {store.image_dim}-d, text {store.text_dim}-d)"
+    if len(left_out):
+        text += (f"\n{len(left_out)} rows left out, not in the store (all listed in {store.directory / LEFT_OUT_GLOB}):\n"
+                 + _table(left_out, ["row", "uid", "reason", "filepath", "shard"], args.top))
+    _emit(args, payload, text)
+    return 0
+
+
 def cmd_score_features(args: argparse.Namespace) -> int:
-    from ecif.influence.streaming import FeatureStore, LocalExecutor, RayExecutor, StreamingConfig, read_scores, score_store
+    from ecif.influence.streaming import FeatureStore, StreamingConfig, read_scores, score_store
     from ecif.tasks.engine import load_heads
+    from ecif.tasks.extract import read_row_map
 
     scope, theta, _ = load_heads(Path(args.heads))
     config = StreamingConfig(
         batch_size=args.batch_size, delta=args.delta, damping=args.damping, self_influence=args.self_influence
     )
     trusted = FeatureStore.open(args.trusted).in_memory(args.batch_size)
-    executor = LocalExecutor() if args.ray is None else RayExecutor(None if args.ray == "local" else args.ray)
-    result = score_store(FeatureStore.open(args.features), trusted, scope, theta, args.out, config, executor, _reporter(args))
+    store = FeatureStore.open(args.features)
+    result = score_store(store, trusted, scope, theta, args.out, config, _executor(args), _reporter(args))
     influence = read_scores(args.out)["influence"]
     harmful = np.argsort(influence)[: args.top]
     payload = {"out": str(result.out_dir), "pairs": result.n_pairs, "solver": result.solver, "seconds": result.seconds,
                "most_harmful_rows": harmful, "most_harmful_influence": influence[harmful]}
+    row_map = read_row_map(store, columns=["uid"])
+    if row_map is None:
+        what, names = "rows", [str(row) for row in harmful]
+    else:  # an extracted store names its pairs
+        what, names = "pairs", row_map["uid"].to_numpy()[harmful].tolist()
+        payload["most_harmful_uids"] = names
     lines = [f"scored {result.n_pairs} pairs → {result.out_dir}/scores-*.npz (negative influence = harmful)",
-             "most harmful rows: " + ", ".join(f"{row} ({influence[row]:.3g})" for row in harmful)]
+             f"most harmful {what}: " + ", ".join(f"{name} ({influence[row]:.3g})" for name, row in zip(names, harmful))]
     _emit(args, payload, "\n".join(lines))
     return 0
 
@@ -357,11 +389,15 @@ def cmd_app(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------------
 
 
-def _add_run_options(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
-    parser.add_argument("--manifest", help="CSV/TSV/JSONL/parquet manifest or image folder (default: built-in demo data)")
-    parser.add_argument("--model", default="demo", help="'demo' (trains the small ecif-demo model) or any open_clip model name")
+def _add_model_options(parser: argparse.ArgumentParser, demo: str) -> None:
+    parser.add_argument("--model", default="demo", help=f"{demo} or any open_clip model name")
     parser.add_argument("--checkpoint", help="local checkpoint file (safetensors or torch weights) for --model")
     parser.add_argument("--pretrained", help="open_clip pretrained tag (only if already in the local cache; offline)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    parser.add_argument("--manifest", help="CSV/TSV/JSONL/parquet manifest or image folder (default: built-in demo data)")
+    _add_model_options(parser, "'demo' (trains the small ecif-demo model)")
     parser.add_argument("--out", required=out_required, help="run folder")
     parser.add_argument("--trusted-split", default="val", help="split used as the trusted set (default: val)")
     parser.add_argument("--test-split", default="test", help="split scanned for mispredictions (default: test)")
@@ -372,6 +408,11 @@ def _add_run_options(parser: argparse.ArgumentParser, out_required: bool = True)
     parser.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"], help="Hessian or Gauss-Newton")
     parser.add_argument("--damping", type=float, default=1e-4, help="damping added to the curvature (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_ray_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help=f"{what}: a local Ray instance, or the cluster at ADDRESS (pip install 'ecif[ray]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,8 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top", type=int, default=10)
         p.set_defaults(handler=handler)
 
+    p = commands.add_parser("extract-features", help="backbone features of a (large) manifest into a feature store, chunk by chunk (resumable; --ray for many machines)")
+    p.add_argument("--manifest", required=True, help="manifest file, folder or glob of parquet/tar shards")
+    _add_model_options(p, "'demo' (the ecif-demo model: its --checkpoint, else trained on the manifest)")
+    p.add_argument("--out", required=True, help="feature store folder (resumable)")
+    p.add_argument("--split", action="append", help="keep only this split (train / val / test); repeat for several (default: all)")
+    p.add_argument("--rows-per-chunk", type=int, default=STREAM_ROWS_PER_CHUNK, help=f"manifest rows per chunk and store shard at most (default {STREAM_ROWS_PER_CHUNK})")
+    p.add_argument("--batch-size", type=int, default=64, help="images encoded at a time (default 64)")
+    _add_ray_option(p, "encode chunks as Ray tasks (images, tars and checkpoint must be at the same paths on every node)")
+    p.add_argument("--top", type=int, default=20, help="left-out rows shown (default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_extract_features)
+
     p = commands.add_parser("score-features", help="score many pairs from feature shards on disk (bounded memory; --ray for many machines)")
-    p.add_argument("features", help="feature store folder (ecif.influence.streaming.write_feature_store)")
+    p.add_argument("features", help="feature store folder (ecif extract-features, or ecif.influence.streaming.write_feature_store)")
     p.add_argument("--trusted", required=True, help="feature store of the trusted set (held in memory)")
     p.add_argument("--heads", required=True, help="heads.safetensors with the fine-tuned θ̂ (e.g. from a run folder)")
     p.add_argument("--out", required=True, help="folder for scores-*.npz (resumable)")
@@ -419,8 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1.0, help="the δ the heads were fine-tuned with (default 1.0)")
     p.add_argument("--damping", type=float, default=1e-4)
     p.add_argument("--self-influence", action="store_true", help="also self-influence (a [batch, parameters] Jacobian per batch: much slower)")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run shards as Ray tasks: a local Ray instance, or the cluster at ADDRESS (pip install 'ecif[ray]')")
+    _add_ray_option(p, "score shards as Ray tasks")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_score_features)

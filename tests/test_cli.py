@@ -20,8 +20,8 @@ def _json(capsys, argv) -> object:
 
 def test_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "ecif.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo-data", "validate", "train-demo", "features", "finetune", "score", "demo", "detect", "trace",
-                    "mispredictions", "edit", "export", "app"):
+    for command in ("demo-data", "validate", "train-demo", "features", "finetune", "score", "extract-features",
+                    "score-features", "demo", "detect", "trace", "mispredictions", "edit", "export", "app"):
         assert command in result.stdout
 
 

@@ -87,7 +87,10 @@ class FeatureStore:
         directory = Path(directory)
         info = read_json(directory / STORE_FILE)
         if info is None:
-            raise FileNotFoundError(f"{directory} is not a feature store (no {STORE_FILE})")
+            raise FileNotFoundError(
+                f"{directory} is not a feature store (no {STORE_FILE}; an interrupted extract-features "
+                "writes it when run again to the end)"
+            )
         return cls(directory, tuple(info["shard_rows"]), int(info["image_dim"]), int(info["text_dim"]))
 
     @property
@@ -131,30 +134,53 @@ class FeatureStore:
         return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()
 
 
+class FeatureStoreWriter:
+    """Writes a :class:`FeatureStore` one shard at a time, ``store.json`` last (a store that opens is whole).
+
+    Each shard's files are written atomically.  ``shard_rows`` and ``dims`` (image and text width)
+    describe shards already in ``directory``: a resumed write appends after them.
+    """
+
+    def __init__(self, directory: str | Path, shard_rows: Sequence[int] = (), dims: Sequence[int] | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_rows = [int(rows) for rows in shard_rows]
+        self.dims = (int(dims[0]), int(dims[1])) if dims else None
+
+    def add(self, image: np.ndarray, text: np.ndarray) -> int:
+        """Write ``(image [n_k, d], text [n_k, d'])`` as float32 shard ``k`` and return ``k``."""
+        index = len(self.shard_rows)
+        if image.shape[0] != text.shape[0]:
+            raise ValueError(f"shard {index}: {image.shape[0]} images but {text.shape[0]} captions")
+        shape = (int(image.shape[1]), int(text.shape[1]))
+        if self.dims is not None and shape != self.dims:
+            raise ValueError(f"shard {index} has widths {shape}, the first had {self.dims}")
+        self.dims = shape
+        for modality, values in (("image", image), ("text", text)):
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(values, dtype=np.float32))
+            atomic_write_bytes(self.directory / f"{modality}-{index:05d}.npy", buffer.getvalue())
+        self.shard_rows.append(int(image.shape[0]))
+        return index
+
+    def finish(self) -> FeatureStore:
+        """Write ``store.json`` and return the store; ValueError if no shard was written."""
+        if self.dims is None or not self.shard_rows:
+            raise ValueError("no shards to write")
+        image_dim, text_dim = self.dims
+        atomic_write_json(self.directory / STORE_FILE, {"shard_rows": self.shard_rows, "image_dim": image_dim, "text_dim": text_dim})
+        return FeatureStore(self.directory, tuple(self.shard_rows), image_dim, text_dim)
+
+
 def write_feature_store(directory: str | Path, shards: Iterable[tuple[np.ndarray, np.ndarray]]) -> FeatureStore:
     """Write ``(image [n_k, d], text [n_k, d'])`` shards one at a time as float32 and return the store.
 
     ``shards`` may be a generator, so the features never need to be in memory all at once.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rows, dims = [], None
-    for index, (image, text) in enumerate(shards):
-        if image.shape[0] != text.shape[0]:
-            raise ValueError(f"shard {index}: {image.shape[0]} images but {text.shape[0]} captions")
-        shape = (image.shape[1], text.shape[1])
-        if dims is not None and shape != dims:
-            raise ValueError(f"shard {index} has widths {shape}, the first had {dims}")
-        dims = shape
-        for modality, values in (("image", image), ("text", text)):
-            buffer = io.BytesIO()
-            np.save(buffer, np.ascontiguousarray(values, dtype=np.float32))
-            atomic_write_bytes(directory / f"{modality}-{index:05d}.npy", buffer.getvalue())
-        rows.append(int(image.shape[0]))
-    if dims is None:
-        raise ValueError("no shards to write")
-    atomic_write_json(directory / STORE_FILE, {"shard_rows": rows, "image_dim": dims[0], "text_dim": dims[1]})
-    return FeatureStore(directory, tuple(rows), dims[0], dims[1])
+    writer = FeatureStoreWriter(directory)
+    for image, text in shards:
+        writer.add(image, text)
+    return writer.finish()
 
 
 # --- per-shard work (pure functions of their arguments; what Ray tasks run) -------------------------------
@@ -220,15 +246,19 @@ def score_shard(
 
 
 class Executor(Protocol):
-    def map(self, function: Callable[..., Any], items: Sequence[int], *shared: Any) -> Iterator[Any]:
-        """``function(item, *shared)`` for every item, yielded in the order of ``items``."""
+    def map(self, function: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
+        """``function(item, *shared)`` for every item, yielded in the order of ``items``.
+
+        ``items`` may be a lazy iterator (e.g. chunks read from disk): it is pulled only as work is
+        started, so at most the executor's window of items is in memory.
+        """
         ...
 
 
 class LocalExecutor:
     """Runs every item in this process, one after the other."""
 
-    def map(self, function: Callable[..., Any], items: Sequence[int], *shared: Any) -> Iterator[Any]:
+    def map(self, function: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
         for item in items:
             yield function(item, *shared)
 
@@ -269,7 +299,7 @@ class RayExecutor:
         ray = _import_ray()
         self.window = window or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
-    def map(self, function: Callable[..., Any], items: Sequence[int], *shared: Any) -> Iterator[Any]:
+    def map(self, function: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
         ray = _import_ray()
         task = ray.remote(num_cpus=1)(function)
         shared_refs = [ray.put(value) for value in shared]  # sent once, not once per task

@@ -30,6 +30,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from PIL import Image
 
 from ecif.data.images import image_signature, open_image
+from ecif.data.manifest import SHARD_COLUMN
 from ecif.models.open_clip_models import LoadedModel, ModelLoadError, Preprocess
 from ecif.paths import cache_dir, text_sha256
 from ecif.progress import Reporter, as_reporter
@@ -236,25 +237,51 @@ def iter_chunk_features(
         yield frame, _read_shard(shard_file)
 
 
+def drop_failed(frame: pd.DataFrame, features: Features) -> tuple[pd.DataFrame, Features, pd.DataFrame]:
+    """Take the rows whose image could not be read out of ``frame`` (canonical manifest columns) and
+    its ``features``: ``(other rows, their features, the failed rows as bad rows)``.
+
+    The bad rows have the manifest's bad-row columns (``row``, ``uid``, ``filepath``, ``reason``,
+    and ``shard`` when the frame has one), so they can join the loader's report.
+    """
+    failed = sorted(features.failed)
+    keep = np.setdiff1d(np.arange(len(frame)), failed)
+    bad = pd.DataFrame(
+        {
+            "row": frame["source_row"].to_numpy()[failed],
+            "uid": frame["uid"].to_numpy()[failed],
+            "filepath": frame["filepath"].to_numpy()[failed],
+            "reason": [f"undecodable image: {features.failed[row]}" for row in failed],
+        }
+    )
+    if SHARD_COLUMN in frame.columns:
+        bad[SHARD_COLUMN] = frame[SHARD_COLUMN].to_numpy()[failed]
+    kept = Features(image=features.image[keep], text=features.text[keep])
+    return frame.iloc[keep].reset_index(drop=True), kept, bad
+
+
 def features_cache_dir(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
     """Where :func:`compute_features` keeps the shards for this model and these rows.
 
     The key covers each image's path, size and modification time, each caption, and the
     preprocessing, so editing any of them recomputes instead of serving stale features.
     """
-    key = text_sha256(repr(loaded.preprocess), str(SHARD_ROWS), *_row_signatures(frame))
+    key = text_sha256(repr(loaded.preprocess), str(SHARD_ROWS), *row_signatures(frame))
     return cache_dir() / "features" / loaded.model_hash / key[:32]
 
 
 def chunk_features_file(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
     """The cache file of one chunk's features for :func:`iter_chunk_features` (key as in
     :func:`features_cache_dir`, without the shard size: a chunk is one shard)."""
-    key = text_sha256(repr(loaded.preprocess), CHUNKS_DIR, *_row_signatures(frame))
+    key = text_sha256(repr(loaded.preprocess), CHUNKS_DIR, *row_signatures(frame))
     return cache_dir() / "features" / loaded.model_hash / CHUNKS_DIR / f"{key[:32]}.npz"
 
 
-def _row_signatures(frame: pd.DataFrame) -> Iterator[str]:
-    """Per row: image path, size and modification time of the file holding it, and the caption."""
+def row_signatures(frame: pd.DataFrame) -> Iterator[str]:
+    """Per row: image path, size and modification time of the file holding it, and the caption.
+
+    What the feature caches are keyed by: a cheap stand-in for the rows' content.
+    """
     for path, caption in zip(frame["filepath"].astype(str), frame["caption"].astype(str)):
         yield f"{path}\x1e{image_signature(path)}\x1e{caption}"
 

@@ -89,15 +89,13 @@ def load_model(
         raise ModelLoadError("give either a checkpoint file or a pretrained tag, not both")
     if name not in open_clip.list_models():
         raise ModelLoadError(_unknown_model_message(name))
+    model_hash = weights_hash(name, checkpoint, pretrained, seed)
 
     preprocess_overrides: dict[str, object] = {}
     quick_gelu = False
     weights_file: Path | None = None
     if checkpoint is not None:
         weights_file = Path(checkpoint).expanduser().resolve()
-        if not weights_file.is_file():
-            raise ModelLoadError(f"checkpoint {weights_file} does not exist")
-        model_hash = file_sha256(weights_file)
     elif pretrained is not None:
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if not tag_cfg:
@@ -110,9 +108,6 @@ def load_model(
         # open_clip only warns when a tag was trained with QuickGELU and the config lacks it; the
         # weights are then silently wrong, so follow the tag.
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-        model_hash = text_sha256(name, pretrained)
-    else:
-        model_hash = text_sha256(name, f"random-init-seed-{seed}")
 
     # Seeded even when weights are loaded afterwards: then it costs nothing and changes nothing.
     with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
@@ -143,6 +138,22 @@ def load_model(
         pretrained=pretrained,
         model_hash=model_hash,
     )
+
+
+def weights_hash(
+    name: str, checkpoint: str | os.PathLike[str] | None = None, pretrained: str | None = None, seed: int = 0
+) -> str:
+    """The :attr:`LoadedModel.model_hash` that :func:`load_model` gives these arguments, without
+    building the model: the checkpoint file's SHA-256, else a hash of the name and the tag (or seed).
+    Raises :class:`ModelLoadError` if the checkpoint file does not exist."""
+    if checkpoint is not None:
+        weights_file = Path(checkpoint).expanduser().resolve()
+        if not weights_file.is_file():
+            raise ModelLoadError(f"checkpoint {weights_file} does not exist")
+        return file_sha256(weights_file)
+    if pretrained is not None:
+        return text_sha256(name, pretrained)
+    return text_sha256(name, f"random-init-seed-{seed}")
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

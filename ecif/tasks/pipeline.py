@@ -8,7 +8,6 @@ curvature → scores → mispredictions → index → thumbnails.  A stage that 
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import time
@@ -184,7 +183,7 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
 def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str | None) -> Run:
     from ecif.data import load_manifest, make_demo_data, make_thumbnails
     from ecif.models.demo import train_demo_model
-    from ecif.models.features import compute_features, encode_prompts
+    from ecif.models.features import compute_features, drop_failed, encode_prompts
     from ecif.models.open_clip_models import load_model
 
     settings = config.settings()
@@ -245,21 +244,11 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         run.update_info(model_name=name, model_checkpoint=str(checkpoint) if checkpoint else None, model_hash=loaded.model_hash)
         manifest = run.manifest()
         features = compute_features(loaded, manifest, reporter=reporter)
-        if features.failed:
-            failed_rows = sorted(features.failed)
-            bad = run.bad_rows()
-            extra = pd.DataFrame(
-                {
-                    "row": manifest.loc[failed_rows, "source_row"].to_numpy(),
-                    "uid": manifest.loc[failed_rows, "uid"].to_numpy(),
-                    "filepath": manifest.loc[failed_rows, "filepath"].to_numpy(),
-                    "reason": [features.failed[row] for row in failed_rows],
-                }
-            )
-            atomic_write_parquet(run.path(BAD_ROWS_FILE), pd.concat([bad, extra], ignore_index=True))
-            keep = np.setdiff1d(np.arange(len(manifest)), failed_rows)
-            atomic_write_parquet(run.path(MANIFEST_FILE), manifest.iloc[keep].reset_index(drop=True))
-            features = dataclasses.replace(features, image=features.image[keep], text=features.text[keep])
+        unreadable = len(features.failed)
+        if unreadable:
+            manifest, features, failed = drop_failed(manifest, features)
+            atomic_write_parquet(run.path(BAD_ROWS_FILE), pd.concat([run.bad_rows(), failed], ignore_index=True))
+            atomic_write_parquet(run.path(MANIFEST_FILE), manifest)
         np.savez(run.path(FEATURES_FILE), image=features.image, text=features.text)
         if run.has(CLASSES_FILE):
             from ecif.data import ZeroShotClasses
@@ -268,7 +257,7 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
             classes = ZeroShotClasses.load(run.path(CLASSES_FILE))
             prompts = encode_prompts(loaded, classes.names, classes.prompts)
             np.savez(run.path(PROMPTS_FILE), features=prompts.features, class_index=prompts.class_index, names=np.asarray(prompts.names))
-        return {"image_dim": int(features.image.shape[1]), "text_dim": int(features.text.shape[1]), "unreadable": len(features.failed)}
+        return {"image_dim": int(features.image.shape[1]), "text_dim": int(features.text.shape[1]), "unreadable": unreadable}
 
     def finetune_stage() -> dict:
         from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope
