@@ -58,6 +58,17 @@ def test_offline_pretrained_tag_is_a_clear_error(tmp_path, capsys):
     assert "offline" in error and "--checkpoint" in error
 
 
+@pytest.mark.parametrize("command", ["score", "extract-features"])
+def test_a_model_without_weights_is_refused_before_any_work(tmp_path, capsys, command):
+    """Naming an architecture and forgetting --checkpoint must not score with random weights."""
+    manifest = tmp_path / "absent.csv"  # never read: the refusal comes first
+    code = main([command, "--model", "ViT-B-32", "--out", str(tmp_path / "r"), "--manifest", str(manifest)])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "'ViT-B-32' needs its weights" in error and "--checkpoint" in error
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 def test_reporting_commands_on_the_demo_run(scored_demo_run, capsys):
     run = str(scored_demo_run)

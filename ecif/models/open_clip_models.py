@@ -140,6 +140,21 @@ def load_model(
     )
 
 
+def require_weights(name: str, checkpoint: str | os.PathLike[str] | None, pretrained: str | None) -> None:
+    """Refuse to score with a randomly initialised model.
+
+    :func:`load_model` builds random weights when given neither a checkpoint nor a tag (the demo
+    model starts that way before its training, and tests save such models); a user who names an
+    architecture and forgets ``--checkpoint`` would otherwise get meaningless scores without a word.
+    """
+    if checkpoint is None and pretrained is None:
+        raise ModelLoadError(
+            f"model {name!r} needs its weights: pass --checkpoint FILE (a local .safetensors or torch "
+            "state-dict file) or --pretrained TAG (only if open_clip has it cached; nothing is downloaded). "
+            "Without either it would be randomly initialised. For the built-in model use --model demo."
+        )
+
+
 def weights_hash(
     name: str, checkpoint: str | os.PathLike[str] | None = None, pretrained: str | None = None, seed: int = 0
 ) -> str:

@@ -57,7 +57,7 @@ from ecif.data.manifest import (
 from ecif.influence.streaming import STORE_FILE, Executor, FeatureStore, FeatureStoreWriter, LocalExecutor
 from ecif.models.configs import DEMO_MODEL_NAME
 from ecif.models.features import FEATURES_STAGE, Features, drop_failed, iter_chunk_features, row_signatures
-from ecif.models.open_clip_models import LoadedModel, load_model, weights_hash
+from ecif.models.open_clip_models import LoadedModel, load_model, require_weights, weights_hash
 from ecif.paths import text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_json, atomic_write_parquet, read_json
@@ -89,6 +89,7 @@ def model_source(
     model trained (and cached) on the manifest's train split, as ``ecif score`` trains it.  Any other
     name is an open_clip architecture with its ``checkpoint`` or ``pretrained`` tag."""
     if model != "demo":
+        require_weights(model, checkpoint, pretrained)
         return ModelSource(model, _absolute(checkpoint), pretrained)
     if pretrained is not None:
         raise ValueError("the demo model has no pretrained tags; pass its --checkpoint, or nothing to train it")

@@ -167,6 +167,10 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"unknown stage {stop_after!r}; stages are {', '.join(STAGES)}")
+    if config.model != "demo":
+        from ecif.models.open_clip_models import require_weights
+
+        require_weights(config.model, config.checkpoint, config.pretrained)
 
     run = Run(config.run_dir)
     run.directory.mkdir(parents=True, exist_ok=True)
