@@ -76,6 +76,21 @@ def test_kronecker_solver_ranks_influence_like_the_dense_gauss_newton(toy):
     assert spearmanr(ekfac_self, dense_self)[0] >= 0.9
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_ekfac_preconditioned_cg_solves_exactly_and_keeps_the_ekfac_quadratic_form(toy, kind):
+    problem, theta = toy.problem, toy.theta
+    dense = build_solver(problem, theta, CurvatureConfig(solver="dense", kind=kind))
+    refined = build_solver(problem, theta, CurvatureConfig(solver="ekfac-cg", kind=kind))
+    ekfac = build_solver(problem, theta, CurvatureConfig(solver="ekfac"))
+    vectors = torch.randn(4, theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(refined.solve(vectors), dense.solve(vectors), rtol=1e-6, atol=1e-8)
+    assert torch.allclose(refined.inverse_quadratic(vectors), ekfac.inverse_quadratic(vectors), rtol=1e-12)
+    gradient = gradient_of(validation_loss(problem.scope, toy.validation), theta)
+    exact = influence_on(problem, theta, dense, gradient).influence
+    assert spearmanr(influence_on(problem, theta, refined, gradient).influence, exact)[0] > 0.9999
+    assert refined.describe()["solver"] == "ekfac-cg"
+
+
 def test_kronecker_solver_supports_a_learnt_logit_scale():
     toy = make_toy(n=60, batch_size=20, learn_logit_scale=True)
     solver = build_solver(toy.problem, toy.theta, CurvatureConfig(solver="ekfac"))
