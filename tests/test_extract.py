@@ -24,7 +24,13 @@ from ecif.progress import Cancelled, Reporter
 from ecif.tasks.engine import save_heads
 from ecif.tasks.extract import extract_feature_store, read_left_out, read_row_map
 
-MODEL = "ecif-demo"  # seed-0 random initialisation, as load_model(MODEL) builds it
+MODEL = "ecif-demo"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seed-0 random ecif-demo model saved as a file (a model without weights is refused)."""
+    return save_checkpoint(load_model(MODEL).model, tmp_path_factory.mktemp("model") / "demo.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,10 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 
 
-def test_store_holds_the_in_memory_features_and_lists_left_out_rows(shards: Path, tmp_path: Path) -> None:
-    store = extract_feature_store(shards, tmp_path / "train", MODEL, splits=["train"], rows_per_chunk=16, batch_size=8)
+def test_store_holds_the_in_memory_features_and_lists_left_out_rows(
+    shards: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    store = extract_feature_store(shards, tmp_path / "train", MODEL, checkpoint, splits=["train"], rows_per_chunk=16, batch_size=8)
 
     assert store.n_shards == 6 and store.n_pairs == 64  # 3 shards of 30 rows -> chunks of 16 + 14
     assert FeatureStore.open(tmp_path / "train") == store
@@ -65,7 +73,7 @@ def test_store_holds_the_in_memory_features_and_lists_left_out_rows(shards: Path
     assert (left_out["reason"] == "missing file").sum() == 1
     assert json.loads((store.directory / "extract.json").read_text())["left_out"] == 2
 
-    expected = compute_features(load_model(MODEL), rows)
+    expected = compute_features(load_model(MODEL, checkpoint), rows)
     image = np.concatenate([store.read(shard)[0].numpy() for shard in range(store.n_shards)])
     text = np.concatenate([store.read(shard)[1].numpy() for shard in range(store.n_shards)])
     np.testing.assert_allclose(image, expected.image, atol=1e-5)
@@ -74,10 +82,10 @@ def test_store_holds_the_in_memory_features_and_lists_left_out_rows(shards: Path
 
 
 def test_cancelled_extraction_resumes_after_the_last_shard(
-    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = _count_encoded_images(monkeypatch)
-    extract_feature_store(shards, tmp_path / "whole", MODEL, splits=["train"], rows_per_chunk=16)
+    extract_feature_store(shards, tmp_path / "whole", MODEL, checkpoint, splits=["train"], rows_per_chunk=16)
     encoded_in_one_go = sum(calls)
 
     # A fresh cache: what the resumed run skips, it skips because the store has it.
@@ -89,7 +97,7 @@ def test_cancelled_extraction_resumes_after_the_last_shard(
             cancel.set()
 
     with pytest.raises(Cancelled):
-        extract_feature_store(shards, tmp_path / "resumed", MODEL, splits=["train"], rows_per_chunk=16,
+        extract_feature_store(shards, tmp_path / "resumed", MODEL, checkpoint, splits=["train"], rows_per_chunk=16,
                               reporter=Reporter(cancel_after_first_shard, cancel))
     with pytest.raises(FileNotFoundError, match="not a feature store"):
         FeatureStore.open(tmp_path / "resumed")
@@ -97,35 +105,35 @@ def test_cancelled_extraction_resumes_after_the_last_shard(
 
     monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "third-cache"))
     calls.clear()
-    extract_feature_store(shards, tmp_path / "resumed", MODEL, splits=["train"], rows_per_chunk=16)
+    extract_feature_store(shards, tmp_path / "resumed", MODEL, checkpoint, splits=["train"], rows_per_chunk=16)
     assert sum(calls) == encoded_in_one_go - first_shard
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
 
     with pytest.raises(ValueError, match="another manifest, model or settings"):
-        extract_feature_store(shards, tmp_path / "resumed", MODEL, splits=["val"], rows_per_chunk=16)
+        extract_feature_store(shards, tmp_path / "resumed", MODEL, checkpoint, splits=["val"], rows_per_chunk=16)
     first = shards.parent / "part-00000.parquet"
     table = pd.read_parquet(first)
     edited = table.assign(caption=table["caption"].where(table.index != table.index[table["split"] == "train"][0], "edited"))
     edited.to_parquet(first)
     try:
         with pytest.raises(ValueError, match=r"chunk 0 of .* \(rows 1-16\) changed since it was extracted"):
-            extract_feature_store(shards, tmp_path / "resumed", MODEL, splits=["train"], rows_per_chunk=16)
+            extract_feature_store(shards, tmp_path / "resumed", MODEL, checkpoint, splits=["train"], rows_per_chunk=16)
     finally:
         table.to_parquet(first)
 
 
 def test_ray_extraction_writes_the_same_store_as_one_process(
-    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ray = pytest.importorskip("ray")
     from ecif.influence.streaming import RayExecutor, connect_ray
 
-    local = extract_feature_store(shards, tmp_path / "local", MODEL, rows_per_chunk=16, executor=LocalExecutor())
+    local = extract_feature_store(shards, tmp_path / "local", MODEL, checkpoint, rows_per_chunk=16, executor=LocalExecutor())
     # Workers inherit the environment at start-up: their cache is empty, so they really encode.
     monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "worker-cache"))
     connect_ray(num_cpus=2, include_dashboard=False)
     try:
-        remote = extract_feature_store(shards, tmp_path / "ray", MODEL, rows_per_chunk=16, executor=RayExecutor())
+        remote = extract_feature_store(shards, tmp_path / "ray", MODEL, checkpoint, rows_per_chunk=16, executor=RayExecutor())
     finally:
         ray.shutdown()
     assert len(list((tmp_path / "worker-cache").rglob("*.npz"))) == remote.n_shards == 6
