@@ -41,6 +41,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/detect.py --pretrained-pool
 	$(BIN)/python bench/edit.py
 	$(BIN)/python bench/trace.py
+	$(BIN)/python bench/trace.py --pretrained-pool
 	$(BIN)/python bench/scoring_time.py
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.scale.extraction
