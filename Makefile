@@ -43,6 +43,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/trace.py
 	$(BIN)/python bench/trace.py --pretrained-pool
 	$(BIN)/python bench/scoring_time.py
+	$(BIN)/python bench/solvers.py
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.scale.extraction

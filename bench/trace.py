@@ -61,6 +61,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def backbone_similarity(run, manifest, label: str, colour: str, wrong: str) -> list[list]:
+    """Cosine of the mean unit backbone image feature of the group's test items with that of other groups.
+
+    Shows where the backbone put the group: next to the wrong class of the same colour (it absorbed
+    the planted corruption while it was trained) or next to its own class (a clean backbone).
+    """
+    import numpy as np
+
+    with np.load(run.path("features.npz")) as features:
+        image = features["image"] / np.linalg.norm(features["image"], axis=1, keepdims=True)
+
+    def mean_direction(mask) -> np.ndarray:
+        centre = image[np.asarray(mask)].mean(axis=0)
+        return centre / np.linalg.norm(centre)
+
+    same_colour = manifest["colour"] == colour
+    reference = mean_direction(same_colour & (manifest["label"] == label) & (manifest["split"] == "test"))
+    groups = [
+        (f"planted training pairs ({colour} {label})", same_colour & (manifest["label"] == label) & (manifest["split"] == "train")),
+        (f"{colour} {wrong} (the planted wrong class, same colour)", same_colour & (manifest["label"] == wrong)),
+        (f"{label} of other colours", ~same_colour & (manifest["label"] == label)),
+        (f"{wrong} of other colours", ~same_colour & (manifest["label"] == wrong)),
+    ]
+    return [[name, int(mask.sum()), float(reference @ mean_direction(mask))] for name, mask in groups]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -81,6 +107,7 @@ def main(argv=None) -> dict:
     planted = train["corrupted"].astype(bool)
     base_rate = float(planted.mean())
 
+    similarity = backbone_similarity(run, manifest, label, colour, wrong)
     table = zero_shot_table(run, splits=["test"])
     table = table.merge(manifest[["uid", "colour"]], on="uid")
     group = table[(table["label"] == label) & (table["colour"] == colour)]
@@ -124,13 +151,18 @@ def main(argv=None) -> dict:
         markdown_table(["mistakes", "items", f"precision@{args.top_k} (relative)", f"precision@{args.top_k} (plain)",
                         "base rate"], rows),
         "",
+        f"Where the backbone puts the group: cosine between the mean unit backbone image feature of the group's "
+        f"{len(group)} test items and that of",
+        "",
+        markdown_table(["items", "n", "cosine"], similarity),
+        "",
         f"**Target** precision@{args.top_k} ≥ {TARGET_PRECISION}: "
         + ("no mistakes to trace" if headline is None else f"{headline:.3f} → {'MET' if headline >= TARGET_PRECISION else 'MISSED'}"),
         "",
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])
     payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "items": per_item,
-               "table": rows, "base_rate": base_rate, "markdown": markdown}
+               "table": rows, "base_rate": base_rate, "backbone_similarity": similarity, "markdown": markdown}
     publish(result_name, payload, markdown, args.results)
     return payload
 

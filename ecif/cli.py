@@ -210,7 +210,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     scores = run.scores()
     payload = {"run": str(run.directory), "pairs": len(scores), "most_harmful": scores.head(args.top)}
     text = f"scored {len(scores)} pairs → {run.directory / 'scores.parquet'}\nmost harmful:\n" + _table(
-        scores, ["rank", "uid", "caption", "influence", "influence_pos", "influence_neg", "self_influence", "clip_score"], args.top
+        scores,
+        ["rank", "uid", "caption", "influence", "influence_pos", "influence_neg", "self_influence_first_order", "clip_score"],
+        args.top,
     )
     _emit(args, payload, text)
     return 0
@@ -307,7 +309,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     scores = _open_run(args.run).scores()
     flagged = flag(scores, method=args.method, top_k=args.top_k)
     payload: dict[str, Any] = {"flagged": flagged}
-    text = f"{len(flagged)} pairs flagged by {args.method}:\n" + _table(flagged, ["rank", "uid", "caption", "influence", "self_influence", "suspicion"])
+    text = f"{len(flagged)} pairs flagged by {args.method}:\n" + _table(flagged, list(dict.fromkeys(["rank", "uid", "caption", "influence", args.method, "suspicion"])))
     if "corrupted" in scores.columns:
         report = detection_report(scores)
         payload["metrics"] = report

@@ -81,3 +81,24 @@ def test_reporting_commands_on_the_demo_run(scored_demo_run, capsys):
     traced = _json(capsys, ["trace", "--run", run, "--item", uid, "--top-k", "5", "--json"])
     assert traced["item"] == uid and len(traced["pairs"]) == 10
     assert main(["trace", "--run", run, "--item", "nope"]) == 1
+
+
+def test_choices_written_out_in_the_parser_match_the_library():
+    """The parser spells solver and detection-method names by hand (importing the maths at start-up
+    would slow every command); this keeps those lists in step with the library's."""
+    import argparse
+    import typing
+
+    from ecif.cli import build_parser
+    from ecif.curvature.solvers import SolverName
+    from ecif.tasks.detect import SUSPICION, flag
+    from ecif.tasks.evaluate import INFLUENCE_COLUMNS
+
+    def choices(command: str, option: str) -> list[str]:
+        subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        action = next(a for a in subparsers.choices[command]._actions if option in a.option_strings)
+        return list(action.choices)
+
+    assert choices("score", "--solver") == list(typing.get_args(SolverName))
+    assert choices("detect", "--method") == list(typing.get_args(typing.get_type_hints(flag)["method"]))
+    assert set(INFLUENCE_COLUMNS) <= set(SUSPICION)

@@ -9,6 +9,7 @@ port.  Servers are stopped in fixture teardown, also when a test fails.  Screens
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -253,7 +254,8 @@ def test_full_curation_flow(run_copy: Path, servers, new_page, tmp_path: Path) -
     wait_idle(page)
     assert page.locator(".st-key-export_mode input[type=radio]").first.is_checked()  # "kept"
     click(page, "export_go")
-    page.get_by_text("Exported").first.wait_for()
+    # Not get_by_text("Exported"): that also matches the page's "... for the exported pairs" at once.
+    page.get_by_text(re.compile(r"^Exported \d+ pairs")).first.wait_for()
     assert_no_exception(page)
     screenshot(page, "04-export.png")
 

@@ -44,8 +44,9 @@ def _own_data_form(ctx: Context) -> None:
     model = st.text_input("open_clip model name", "demo", key="load_model",
                           help="“demo” trains the small built-in model on your train split; any other "
                                "open_clip name needs a local checkpoint or a cached pretrained tag.")
-    checkpoint = st.text_input("Local checkpoint path (optional)", key="load_checkpoint",
-                               help="A local file; nothing is downloaded.")
+    checkpoint = st.text_input("Local checkpoint path (any model but demo)", key="load_checkpoint",
+                               help="A local file; nothing is downloaded. Without it (or a cached tag) the job "
+                                    "is refused rather than run with random weights.")
     pretrained = st.text_input("open_clip pretrained tag (optional, must be cached)", key="load_pretrained")
     manifest = st.text_input("Manifest (CSV, TSV, JSONL, parquet or an image folder)", key="load_manifest")
     splits = st.columns(2)

@@ -8,6 +8,8 @@ Gauss–Newton, both including the ``δ`` penalty) and damping ``λ``:
 - :class:`ConjugateGradientSolver`: matrix-free, one curvature-vector product per iteration.
 - :class:`KroneckerSolver`: eigenvalue-corrected K-FAC (EK-FAC) of the Gauss–Newton matrix of each
   projection head; memory ``O(d² + e² + d·e)``, so it scales to ViT-B/32 heads (0.66M parameters).
+- :class:`RefinedKroneckerSolver` (``"ekfac-cg"``): exact solves by conjugate gradient preconditioned
+  with the EK-FAC, EK-FAC quadratic forms.
 
 ``solve`` accepts ``[P]`` or ``[k, P]``; ``inverse_quadratic`` returns ``vᵀ(C + λI)⁻¹v`` per row.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,8 +42,8 @@ class CurvatureConfig:
     positive definite and a small λ only guards round-off (bench/fidelity measures the effect).
     ``solver="auto"`` takes the dense reference up to ``dense_max_params`` parameters and EK-FAC above.
     ``"ekfac-cg"`` solves exactly (to ``cg_tolerance``) by conjugate gradient preconditioned with the
-    EK-FAC: influence on a test function as the dense solver gives it, at a few curvature products
-    per test function (see :class:`RefinedKroneckerSolver`).
+    EK-FAC: influence on a test function as the dense solver gives it, at tens of passes of
+    curvature products over the data per test function (see :class:`RefinedKroneckerSolver`).
     """
 
     solver: SolverName = "auto"
@@ -153,7 +156,8 @@ class ConjugateGradientSolver:
     """Matrix-free conjugate gradient with curvature-vector products, many right-hand sides at once.
 
     ``preconditioner``: a solver whose ``solve`` approximates ``(H + λI)⁻¹`` (e.g. the EK-FAC); the
-    iteration then needs far fewer curvature products, and the answer is still the exact one.
+    iteration may need fewer curvature products (44 against 53 on a demo run), and the answer is
+    still the exact one.  Warns when ``max_iterations`` ends the iteration before ``tolerance``.
     """
 
     name = "cg"
@@ -207,6 +211,13 @@ class ConjugateGradientSolver:
             direction = preconditioned + ratio[:, None] * direction
             residual_dot = new_dot
             self.last_iterations = iteration
+        reached = ((residual * residual).sum(dim=1) / torch.clamp((rhs * rhs).sum(dim=1), min=1e-300)).sqrt()
+        if bool((reached > self.tolerance).any()):
+            warnings.warn(
+                f"conjugate gradient stopped after {self.max_iterations} iterations at a relative residual of "
+                f"{float(reached.max()):.1e} (tolerance {self.tolerance:.0e}); raise cg_max_iterations",
+                stacklevel=2,
+            )
         return solution.reshape(vectors.shape)
 
     def inverse_quadratic(self, vectors: Tensor) -> Tensor:
@@ -475,8 +486,11 @@ class RefinedKroneckerSolver:
         return self.kronecker.inverse_quadratic(vectors)
 
     def describe(self) -> dict:
+        ekfac = self.kronecker.describe()
         return {
-            **self.kronecker.describe(),
+            "parameters": ekfac["parameters"],
+            "damping": self.damping,
+            "ekfac_smallest_eigenvalue": ekfac["smallest_eigenvalue"],
             "solver": self.name,
             "kind": f"{self.refined.kind} (solves: EK-FAC-preconditioned CG); ggn (EK-FAC) for self-influence",
             "tolerance": self.refined.tolerance,

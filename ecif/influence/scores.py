@@ -110,7 +110,8 @@ def self_influence(
     reporter = as_reporter(reporter)
     values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype)
     batches = per_pair_gradients(problem, theta, negative)
-    for rows, gradients in reporter.iterate(batches, "self-influence", total=len(problem.data.batches)):
+    stage = "self-influence" if negative == "exact" else "self-influence (first order)"
+    for rows, gradients in reporter.iterate(batches, stage, total=len(problem.data.batches)):
         values[rows] = solver.inverse_quadratic(gradients) / problem.data.normaliser
     return values.numpy()
 

@@ -149,10 +149,13 @@ def require_weights(name: str, checkpoint: str | os.PathLike[str] | None, pretra
     """
     if checkpoint is None and pretrained is None:
         raise ModelLoadError(
-            f"model {name!r} needs its weights: pass --checkpoint FILE (a local .safetensors or torch "
-            "state-dict file) or --pretrained TAG (only if open_clip has it cached; nothing is downloaded). "
-            "Without either it would be randomly initialised. For the built-in model use --model demo."
+            f"model {name!r} needs its weights: a local checkpoint file (.safetensors or a torch state "
+            "dict; command line --checkpoint, app 'Local checkpoint path') or a pretrained tag that open_clip has "
+            "cached (--pretrained; nothing is downloaded). Without either it would be randomly initialised. "
+            "For the built-in model choose 'demo'."
         )
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise ModelLoadError(f"checkpoint {Path(checkpoint).expanduser().resolve()} does not exist")
 
 
 def weights_hash(

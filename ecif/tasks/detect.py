@@ -55,6 +55,11 @@ def flag(
     ``influence < -threshold``); with neither, every pair with harmful influence is flagged
     (``influence < 0``), or for self-influence the top 10%.
     """
+    if method not in scores.columns:
+        raise ValueError(
+            f"the scores have no {method!r} column (scored by an older ecif version); "
+            "rerun the scoring (`ecif score` with the same --out) to add it"
+        )
     oriented = suspicion(scores, method)
     order = np.argsort(-oriented, kind="stable")
     if top_k is not None:

@@ -3,7 +3,8 @@
 ``run_pipeline`` is what ``ecif score``, ``ecif demo`` and the app's background job all call.
 Stages (names as reported to the progress callback): data → demo model → features → fine-tune →
 curvature → scores → mispredictions → index → thumbnails.  A stage that finished is recorded in
-``run.json`` and skipped next time, so a cancelled or killed job resumes where it stopped.
+``run.json`` and skipped next time, so a cancelled or killed job resumes where it stopped; only
+a scores table that lacks a column of this version is recomputed (seconds).
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         )
     if previous is None:
         run.update_info(settings=settings, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ecif_version="0.1.0")
-    _forget_outdated_scores(run)
+    if stop_after is None or STAGES.index(stop_after) >= STAGES.index("scores"):
+        _forget_outdated_scores(run)
     loaded_manifest = {}
 
     def manifest_path() -> Path:
