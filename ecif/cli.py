@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="reference batch size within each shard (default 64)")
     p.add_argument("--delta", type=float, default=1.0, help="the δ the heads were fine-tuned with (default 1.0)")
     p.add_argument("--damping", type=float, default=1e-4)
-    p.add_argument("--self-influence", action="store_true", help="also self-influence (a [batch, parameters] Jacobian per batch: much slower)")
+    p.add_argument("--self-influence", action="store_true", help="also both self-influence columns, exact and first order (a [batch, parameters] Jacobian per batch and form: much slower)")
     _add_ray_option(p, "score shards as Ray tasks")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")

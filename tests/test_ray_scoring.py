@@ -70,6 +70,8 @@ def test_streamed_scores_equal_the_in_memory_library_path(tmp_path):
     for name in ("influence", "influence_pos", "influence_neg", "influence_first_order"):
         assert np.allclose(streamed[name], getattr(reference, name), rtol=1e-9, atol=1e-14), name
     assert np.allclose(streamed["self_influence"], self_influence(problem, theta, solver), rtol=1e-9)
+    first_order = self_influence(problem, theta, solver, negative="first_order")
+    assert np.allclose(streamed["self_influence_first_order"], first_order, rtol=1e-9)
     assert np.allclose(streamed["influence"], streamed["influence_pos"] + streamed["influence_neg"])
     assert result.shards_scored == 3
 

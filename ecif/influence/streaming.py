@@ -68,6 +68,8 @@ STORE_FILE = "store.json"
 SCORES_INFO_FILE = "scores.json"
 SOLVER_FILE = "curvature.safetensors"
 SCORE_COLUMNS = ("influence", "influence_pos", "influence_neg", "influence_first_order", "influence_neg_first_order")
+#: the self-influence columns written when asked for, and the form of ``Neg_n`` each uses.
+SELF_INFLUENCE_COLUMNS = {"self_influence": "exact", "self_influence_first_order": "first_order"}
 
 
 # --- features on disk -------------------------------------------------------------------------------
@@ -191,9 +193,9 @@ class StreamingConfig:
     """Settings of streamed scoring.
 
     ``batch_size``/``seed``: the reference batching within each shard.  ``delta`` (δ of ``R``) and
-    ``damping`` (λ) enter the EK-FAC exactly.  ``self_influence``: also ``∇g_nᵀH⁻¹∇g_n`` per pair
-    (a Jacobian ``[B, P]`` per batch, ``B`` backward passes: far costlier than ``influence``, which is
-    one forward-mode pass).
+    ``damping`` (λ) enter the EK-FAC exactly.  ``self_influence``: also ``∇g_nᵀH⁻¹∇g_n`` per pair,
+    in both forms of :data:`SELF_INFLUENCE_COLUMNS` (a Jacobian ``[B, P]`` per batch and form, ``B``
+    backward passes: far costlier than ``influence``, which is one forward-mode pass).
     """
 
     batch_size: int = 64
@@ -232,13 +234,14 @@ def score_shard(
     solver: KroneckerSolver | None = None,
 ) -> dict[str, np.ndarray]:
     """``{column: [n_k]}`` for one shard: :data:`SCORE_COLUMNS` along ``direction = H⁻¹∇φ [P]``,
-    plus ``self_influence`` when ``solver`` is given (units of ``φ``; negative influence = harmful)."""
+    plus :data:`SELF_INFLUENCE_COLUMNS` when ``solver`` is given (units of ``φ``; negative influence = harmful)."""
     # θ₀ only enters the value and gradient of R, which scoring at a given θ̂ never evaluates.
     problem = HeadsProblem(scope, shard_data(store, shard, config), theta, config.delta)
     influence = influence_along(problem, theta, direction)
     columns = {name: getattr(influence, name) for name in SCORE_COLUMNS}
     if solver is not None:
-        columns["self_influence"] = self_influence(problem, theta, solver)
+        for column, negative in SELF_INFLUENCE_COLUMNS.items():
+            columns[column] = self_influence(problem, theta, solver, negative=negative)
     return columns
 
 
@@ -347,7 +350,9 @@ def streaming_kronecker_solver(
 def _fingerprint(store: FeatureStore, trusted: ContrastiveData, scope: HeadsScope, theta: Tensor, config: StreamingConfig) -> str:
     digest = hashlib.sha256()
     digest.update(store.fingerprint().encode())
-    digest.update(json.dumps([asdict(scope), asdict(config)], sort_keys=True).encode())
+    # The columns are part of what a folder holds: one scored by a version with other columns is refused.
+    columns = [*SCORE_COLUMNS, *(SELF_INFLUENCE_COLUMNS if config.self_influence else ())]
+    digest.update(json.dumps([asdict(scope), asdict(config), columns], sort_keys=True).encode())
     for tensor in (theta, trusted.image, trusted.text, *trusted.batches):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -366,7 +371,7 @@ def score_store(
     """Score every pair of ``store`` against the trusted set's contrastive loss, shard by shard.
 
     ``theta [P]`` are the given (fine-tuned) heads; ``trusted`` is held in memory (its own batching).
-    Writes ``OUT/scores-00000.npz ...`` (:data:`SCORE_COLUMNS`, and ``self_influence`` if asked) and
+    Writes ``OUT/scores-00000.npz ...`` (:data:`SCORE_COLUMNS`, and :data:`SELF_INFLUENCE_COLUMNS` if asked) and
     resumes from whatever a previous call with the same inputs left; refuses a folder scored with
     other inputs.  Read the result with :func:`read_scores`.
     """
