@@ -154,8 +154,16 @@ def require_weights(name: str, checkpoint: str | os.PathLike[str] | None, pretra
             "cached (--pretrained; nothing is downloaded). Without either it would be randomly initialised. "
             "For the built-in model choose 'demo'."
         )
-    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
-        raise ModelLoadError(f"checkpoint {Path(checkpoint).expanduser().resolve()} does not exist")
+    if checkpoint is not None:
+        checkpoint_file(checkpoint)
+
+
+def checkpoint_file(checkpoint: str | os.PathLike[str]) -> Path:
+    """The checkpoint's absolute path; :class:`ModelLoadError` if no such file exists."""
+    path = Path(checkpoint).expanduser().resolve()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    return path
 
 
 def weights_hash(
@@ -165,10 +173,7 @@ def weights_hash(
     building the model: the checkpoint file's SHA-256, else a hash of the name and the tag (or seed).
     Raises :class:`ModelLoadError` if the checkpoint file does not exist."""
     if checkpoint is not None:
-        weights_file = Path(checkpoint).expanduser().resolve()
-        if not weights_file.is_file():
-            raise ModelLoadError(f"checkpoint {weights_file} does not exist")
-        return file_sha256(weights_file)
+        return file_sha256(checkpoint_file(checkpoint))
     if pretrained is not None:
         return text_sha256(name, pretrained)
     return text_sha256(name, f"random-init-seed-{seed}")
@@ -181,9 +186,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)`` and may hold the state dict itself or ``{"state_dict": ...}``.
     A ``module.`` prefix (left by DataParallel/DDP) is stripped from every key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist")
+    path = checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(str(path), device="cpu")
