@@ -42,6 +42,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/edit.py
 	$(BIN)/python bench/trace.py
 	$(BIN)/python bench/trace.py --pretrained-pool
+	$(BIN)/python bench/trace.py --corruption systematic-class
+	$(BIN)/python bench/trace.py --pretrained-pool --corruption systematic-class
 	$(BIN)/python bench/scoring_time.py
 	$(BIN)/python bench/solvers.py
 	$(BIN)/python -m bench.peers

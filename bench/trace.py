@@ -1,15 +1,19 @@
 """Trace-back against a planted systematic corruption (ECIF_METHOD §8, "Trace-back").
 
 A share (``--noise``, default all) of one group of training pairs gets one consistent wrong class
-word (shapes: red squares captioned as red circles; digits: white ones captioned as zeros).  The demo CLIP is
+word (shapes: red squares captioned as red circles; digits: white ones captioned as zeros; with
+``--corruption systematic-class`` the class in every colour: all squares, all ones).  The demo CLIP is
 trained on that manifest and every pair scored; then, for every test item of the group that the
 model gets wrong, ``ecif.trace`` ranks the training pairs by their effect on that item's zero-shot
 loss, and we count how many of its top-k culprits are planted pairs (precision@k), with the
-relative score (RelatIF, the default) and the plain influence.  The base rate is the share of
-planted pairs in the whole training set (what a random ranking would get).
+relative score (RelatIF, the default) and the plain influence, ranking by both roles (the default)
+and by the positive role alone (``role="positive"``).  It also counts how many of the non-planted
+culprits act mainly as negatives (``main_role``).  The base rate is the share of planted pairs in
+the whole training set (what a random ranking would get).
 
     .venv/bin/python bench/trace.py                # shapes, n=3000, every red square captioned as a circle
     .venv/bin/python bench/trace.py --noise 0.5    # half of them
+    .venv/bin/python bench/trace.py --pretrained-pool --corruption systematic-class   # every square, clean backbone
 
 With a third of the group mislabelled the demo CLIP still gets every test item of the group right
 (the majority wins) and with half it makes one mistake, so the default mislabels the whole group.
@@ -46,13 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", default="shapes", choices=["shapes", "digits"])
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=1.0, help="share of the group's training pairs mislabelled")
+    parser.add_argument("--corruption", default="systematic", choices=["systematic", "systematic-class"],
+                        help="one colour of the class (default) or the class in every colour")
     parser.add_argument("--delta", type=float, default=None, help="fine-tuning penalty towards the starting heads (default: the library's)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--result-name", default=None, help="default: trace, or trace-pretrained with --pretrained-pool")
+    parser.add_argument("--result-name", default=None,
+                        help="default: trace, + -pretrained with --pretrained-pool, + -class with systematic-class")
     parser.add_argument(
         "--pretrained-pool", action="store_true",
         help="fine-tune from a demo CLIP trained on a separate clean demo set (the paper's protocol: pretrained model, "
@@ -66,6 +73,7 @@ def backbone_similarity(run, manifest, label: str, colour: str, wrong: str) -> l
 
     Shows where the backbone put the group: next to the wrong class of the same colour (it absorbed
     the planted corruption while it was trained) or next to its own class (a clean backbone).
+    ``colour="every"`` (systematic-class): the group is the class in every colour.
     """
     import numpy as np
 
@@ -76,15 +84,16 @@ def backbone_similarity(run, manifest, label: str, colour: str, wrong: str) -> l
         centre = image[np.asarray(mask)].mean(axis=0)
         return centre / np.linalg.norm(centre)
 
-    same_colour = manifest["colour"] == colour
+    same_colour = (manifest["colour"] == colour) | (colour == "every")
     reference = mean_direction(same_colour & (manifest["label"] == label) & (manifest["split"] == "test"))
     groups = [
         (f"planted training pairs ({colour} {label})", same_colour & (manifest["label"] == label) & (manifest["split"] == "train")),
-        (f"{colour} {wrong} (the planted wrong class, same colour)", same_colour & (manifest["label"] == wrong)),
+        (f"{colour} {wrong} (the planted wrong class{'' if colour == 'every' else ', same colour'})",
+         same_colour & (manifest["label"] == wrong)),
         (f"{label} of other colours", ~same_colour & (manifest["label"] == label)),
         (f"{wrong} of other colours", ~same_colour & (manifest["label"] == wrong)),
     ]
-    return [[name, int(mask.sum()), float(reference @ mean_direction(mask))] for name, mask in groups]
+    return [[name, int(mask.sum()), float(reference @ mean_direction(mask))] for name, mask in groups if mask.any()]
 
 
 def main(argv=None) -> dict:
@@ -98,10 +107,13 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     work = args.work or default_work_dir()
     checkpoint = pretraining_pool_checkpoint(work, args.name, args.n, args.seed) if args.pretrained_pool else None
-    run = scored_demo_run(work, args.name, args.n, round(args.noise, 4), "systematic", args.seed, checkpoint=checkpoint,
+    run = scored_demo_run(work, args.name, args.n, round(args.noise, 4), args.corruption, args.seed, checkpoint=checkpoint,
                           delta=args.delta)
-    result_name = args.result_name or ("trace-pretrained" if args.pretrained_pool else "trace")
+    result_name = args.result_name or "trace" + ("-pretrained" if args.pretrained_pool else "") + (
+        "-class" if args.corruption == "systematic-class" else "")
     label, colour, wrong = systematic_group(args.name)
+    if args.corruption == "systematic-class":
+        colour = "every"
     manifest = run.manifest()
     train = manifest[manifest["split"] == "train"]
     planted = train["corrupted"].astype(bool)
@@ -110,7 +122,7 @@ def main(argv=None) -> dict:
     similarity = backbone_similarity(run, manifest, label, colour, wrong)
     table = zero_shot_table(run, splits=["test"])
     table = table.merge(manifest[["uid", "colour"]], on="uid")
-    group = table[(table["label"] == label) & (table["colour"] == colour)]
+    group = table[(table["label"] == label) & ((table["colour"] == colour) | (colour == "every"))]
     mistakes = group[~group["correct"]]
     log(f"{len(group)} test items of the group ({colour} {label}); {len(mistakes)} wrong, "
         f"{int((mistakes['predicted'] == wrong).sum())} of them as {wrong}")
@@ -118,10 +130,16 @@ def main(argv=None) -> dict:
     per_item = []
     for item in group.itertuples():
         row = {"uid": item.uid, "predicted": item.predicted, "correct": bool(item.correct), "prob_true": float(item.prob_true)}
-        for relative in (True, False):
-            traced = ecif.trace(run, item.uid, top_k=args.top_k, relative=relative)
-            culprits = traced[traced["role"] == "culprit"]
-            row["relative" if relative else "plain"] = float(culprits["corrupted"].astype(bool).mean())
+        for role in ("both", "positive"):
+            for relative in (True, False):
+                traced = ecif.trace(run, item.uid, top_k=args.top_k, relative=relative, role=role)
+                culprits = traced[traced["role"] == "culprit"]
+                planted_culprits = culprits["corrupted"].astype(bool)
+                name = ("relative" if relative else "plain") + ("" if role == "both" else "_positive")
+                row[name] = float(planted_culprits.mean())
+                if name == "plain":
+                    others = culprits[~planted_culprits]
+                    row["others_as_negatives"] = float((others["main_role"] == "negative").mean()) if len(others) else None
         per_item.append(row)
 
     rows = []
@@ -130,34 +148,46 @@ def main(argv=None) -> dict:
         ("every mistake of the group", [r for r in per_item if not r["correct"]]),
         ("every test item of the group (right or wrong)", per_item),
     ):
-        rows.append([
-            subset,
-            len(items),
-            np.mean([r["relative"] for r in items]) if items else None,
-            np.mean([r["plain"] for r in items]) if items else None,
-            base_rate,
-        ])
-    headline = rows[0][2]
+        def mean(key: str):
+            values = [r[key] for r in items if r[key] is not None]
+            return float(np.mean(values)) if values else None
+
+        rows.append([subset, len(items), mean("relative"), mean("plain"), mean("relative_positive"), mean("plain_positive"),
+                     mean("others_as_negatives"), base_rate])
+
+    def verdict(row: list) -> str:
+        if row[2] is None:
+            return "no mistakes to trace"
+        parts = [f"{name} {value:.3f} → {'MET' if value >= TARGET_PRECISION else 'MISSED'}"
+                 for name, value in (("both roles, relative (the default)", row[2]), ("both roles, plain", row[3]),
+                                     ("positive role, relative", row[4]), ("positive role, plain", row[5]))]
+        return "; ".join(parts)
+
     markdown = "\n".join([
         "# Trace-back against a planted systematic corruption",
         "",
         machine_markdown(machine),
         "",
-        f"{args.name}, n={args.n}: {int(planted.sum())} of the {int(((train['label'] == label) & (train['colour'] == colour)).sum())} "
-        f"training pairs that show a {colour} {label} are captioned as a {wrong} ({int(planted.sum())} planted pairs among "
+        f"{args.name}, n={args.n}: {int(planted.sum())} of the {int(((train['label'] == label) & ((train['colour'] == colour) | (colour == 'every'))).sum())} "
+        f"training pairs that show a {'' if colour == 'every' else colour + ' '}{label} are captioned as a {wrong} ({int(planted.sum())} planted pairs among "
         f"{len(train)} training pairs).  Test items of that group: {len(group)}, wrong: {len(mistakes)}.  For each mistake, "
         f"the share of planted pairs among its top-{args.top_k} culprits (`ecif.trace`), averaged over the mistakes:",
         "",
         markdown_table(["mistakes", "items", f"precision@{args.top_k} (relative)", f"precision@{args.top_k} (plain)",
+                        "positive role (relative)", "positive role (plain)", "other plain culprits acting as negatives",
                         "base rate"], rows),
+        "",
+        "Both roles: ranked by the pair's whole effect (ECIF, `ecif.trace` default).  Positive role: ranked by its "
+        "effect through its own image–caption link alone (`role=\"positive\"`).  Last but one column: of the plain "
+        "top culprits that are not planted, the share whose effect on the item comes mainly through the negative role "
+        "(`main_role`), i.e. correct pairs that matter as negatives in a planted pair's batch.",
         "",
         f"Where the backbone puts the group: cosine between the mean unit backbone image feature of the group's "
         f"{len(group)} test items and that of",
         "",
         markdown_table(["items", "n", "cosine"], similarity),
         "",
-        f"**Target** precision@{args.top_k} ≥ {TARGET_PRECISION}: "
-        + ("no mistakes to trace" if headline is None else f"{headline:.3f} → {'MET' if headline >= TARGET_PRECISION else 'MISSED'}"),
+        f"**Target** precision@{args.top_k} ≥ {TARGET_PRECISION} (mistakes as {wrong}): " + verdict(rows[0]),
         "",
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])

@@ -186,8 +186,8 @@ def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pyt
 
     calls = []
 
-    def fake_trace(run_, uid, top_k=20, relative=True):
-        calls.append((uid, top_k, relative))
+    def fake_trace(run_, uid, top_k=20, relative=True, role="both"):
+        calls.append((uid, top_k, relative, role))
         scores = run_.scores().sort_values("influence")
         culprits, supporters = scores.head(3), scores.tail(2)
         return pd.concat([culprits.assign(role="culprit"), supporters.assign(role="supporter")]).assign(
@@ -197,7 +197,11 @@ def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pyt
     monkeypatch.setattr(ecif, "trace", fake_trace)
     item = run.mispredictions().query("not correct")["uid"].iloc[0]
     at = app(run, "mispredictions", item=item)
-    assert not at.exception and calls == [(item, 8, True)]
+    assert not at.exception and calls == [(item, 8, True, "both")]
+    at.radio(key="mp_role").set_value("own caption only").run()
+    assert not at.exception and calls[-1] == (item, 8, True, "positive")
+    at.toggle(key="mp_relative").set_value(False).run()
+    assert not at.exception and calls[-1] == (item, 8, False, "positive")
     culprit_drops = [b for b in at.button if b.key and b.key.startswith("trace_culprit_drop_")]
     assert len(culprit_drops) == 3
     culprit_drops[0].click().run()

@@ -93,6 +93,7 @@ def test_choices_written_out_in_the_parser_match_the_library():
     from ecif.curvature.solvers import SolverName
     from ecif.tasks.detect import SUSPICION, flag
     from ecif.tasks.evaluate import INFLUENCE_COLUMNS
+    from ecif.tasks.trace import trace
 
     def choices(command: str, option: str) -> list[str]:
         subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -101,4 +102,5 @@ def test_choices_written_out_in_the_parser_match_the_library():
 
     assert choices("score", "--solver") == list(typing.get_args(SolverName))
     assert choices("detect", "--method") == list(typing.get_args(typing.get_type_hints(flag)["method"]))
+    assert choices("trace", "--role") == list(typing.get_args(typing.get_type_hints(trace)["role"]))
     assert set(INFLUENCE_COLUMNS) <= set(SUSPICION)

@@ -195,3 +195,14 @@ def test_systematic_corruption_mislabels_one_group_consistently(tmp_path: Path) 
     assert set(dirty.index) <= set(group.index)
     for row in dirty.itertuples():
         assert row.caption == row.original_caption.replace("square", "circle")
+
+
+def test_systematic_class_corruption_mislabels_the_class_in_every_colour(tmp_path: Path) -> None:
+    frame = _read(make_demo_data("shapes", tmp_path, n=600, noise=0.5, corruption="systematic-class"))
+    train = frame[frame["split"] == "train"]
+    squares = train[train["shape"] == "square"]
+    dirty = frame[frame["corrupted"]]
+    assert len(dirty) == round(0.5 * len(squares)) > 0
+    assert set(dirty.index) <= set(squares.index) and dirty["colour"].nunique() > 1
+    for row in dirty.itertuples():
+        assert row.caption == row.original_caption.replace("square", "circle")

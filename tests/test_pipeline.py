@@ -107,6 +107,16 @@ def test_trace_returns_culprits_and_supporters_of_a_misprediction(run):
     assert culprits["relative_influence"].max() < supporters["relative_influence"].min()
     plain = ecif.trace(run, item["uid"], top_k=10, relative=False)
     assert (plain[plain.role == "culprit"]["influence"] < 0).all()
+    own_link_dominates = plain["influence_pos"].abs() >= plain["influence_neg"].abs()
+    assert (plain["main_role"] == np.where(own_link_dominates, "positive", "negative")).all()
+    own = ecif.trace(run, item["uid"], top_k=10, relative=False, role="positive")
+    own_culprits = own[own.role == "culprit"]
+    assert (own_culprits["influence_pos"].diff().dropna() >= 0).all()
+    everyone = ecif.trace(run, item["uid"], top_k=len(run.scores()), relative=False)
+    everyone = everyone[everyone.role == "culprit"]
+    assert own_culprits["influence_pos"].max() <= everyone["influence_pos"].nsmallest(10).max()
+    with pytest.raises(ValueError, match="role"):
+        ecif.trace(run, item["uid"], role="negative")
     with pytest.raises(KeyError):
         ecif.trace(run, "no-such-uid")
 

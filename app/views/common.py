@@ -361,9 +361,10 @@ def pair_card(ctx: Context, pair: pd.Series, key: str, scale: float,
 
 
 def card_grid(ctx: Context, pairs: pd.DataFrame, key: str, columns: int = 4,
-              extra_column: str | None = None, actions: bool = True) -> None:
-    """Cards laid out ``columns`` per row."""
-    scale = influence_scale(ctx.table) if ctx.table is not None else 1.0
+              extra_column: str | None = None, actions: bool = True, scale: float | None = None) -> None:
+    """Cards laid out ``columns`` per row; ``scale``: the bars' full width (default: the run's largest role)."""
+    if scale is None:
+        scale = influence_scale(ctx.table) if ctx.table is not None else 1.0
     for start in range(0, len(pairs), columns):
         cells = st.columns(columns)
         for cell, (_, pair) in zip(cells, pairs.iloc[start : start + columns].iterrows()):

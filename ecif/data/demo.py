@@ -32,7 +32,7 @@ from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_bytes
 
 DemoName = Literal["shapes", "digits"]
-Corruption = Literal["random-caption", "attribute-swap", "class-flip", "systematic"]
+Corruption = Literal["random-caption", "attribute-swap", "class-flip", "systematic", "systematic-class"]
 
 MANIFEST_FILE_NAME = "manifest.csv"
 IMAGES_DIR = "images"
@@ -290,7 +290,7 @@ def _corrupt_caption(
             other = int(rng.choice(train_rows))
             if captions[other] != captions[row]:
                 return captions[other]
-    if kind == "systematic":
+    if kind in ("systematic", "systematic-class"):
         return spec.caption(int(templates[row]), {**values[row], spec.class_attribute: _systematic_group(spec)[2]})
     attribute = spec.class_attribute if kind == "class-flip" else str(rng.choice(spec.swappable))
     choices = [value for value in spec.attributes[attribute] if value != values[row][attribute]]
@@ -317,7 +317,10 @@ def make_demo_data(
     - ``class-flip``: the class word changed, every other word kept;
     - ``systematic``: ``round(noise * k)`` of the ``k`` training pairs of one group get one wrong class
       word (shapes: red squares captioned as red circles; digits: white ones as zeros), the kind of
-      consistent error that makes test mistakes, for trace-back.
+      consistent error that makes test mistakes, for trace-back;
+    - ``systematic-class``: the same wrong class word for ``round(noise * k)`` of the ``k`` training
+      pairs of that class in every colour (shapes: squares captioned as circles; digits: ones as
+      zeros), a corruption the projection heads alone can learn from a clean backbone.
 
     Same arguments -> byte-identical files.  Progress is reported under the stage ``"demo data"``.
     """
@@ -343,9 +346,11 @@ def make_demo_data(
     if corruption == "random-caption" and len({original[i] for i in train_rows}) < 2:
         raise ValueError("random-caption needs at least two different training captions; increase n")
     candidates = train_rows
-    if corruption == "systematic":
+    if corruption in ("systematic", "systematic-class"):
         label, colour, _ = _systematic_group(spec)
-        candidates = np.asarray([i for i in train_rows if values[i][spec.class_attribute] == label and values[i]["colour"] == colour])
+        every_colour = corruption == "systematic-class"
+        candidates = np.asarray([i for i in train_rows if values[i][spec.class_attribute] == label
+                                 and (every_colour or values[i]["colour"] == colour)])
     corrupted_rows = np.sort(rng.choice(candidates, round(noise * len(candidates)), replace=False))
     captions = list(original)
     for row in corrupted_rows:

@@ -5,6 +5,14 @@ function is its cross-entropy.  A training pair's influence on it is the predict
 loss if the pair is removed: **culprits** have negative influence (removing them would fix the
 item), **supporters** positive (they hold up the right answer).  The default ranking is the
 relative score ``Δφ_n / ‖Δθ_n‖_H`` (RelatIF) so that a few high-leverage pairs do not top every query.
+
+A pair acts in two roles (ECIF_METHOD §1): through its own image–caption link (positive) and as a
+negative inside the softmax of the other pairs of its batch.  A correct pair can be a real culprit
+through the negative role alone: a genuine red circle whose caption is word for word that of a
+planted red square in its batch pushes that caption away from circle images, towards the square.
+Removing it would lower the item's loss, but its caption is right, so there is nothing to fix in
+it.  ``main_role`` says which role dominates, and ``role="positive"`` ranks by the positive part
+alone: the pairs whose own caption drives the item to its answer, the ones a curator can fix.
 """
 
 from __future__ import annotations
@@ -73,14 +81,22 @@ def trace(
     top_k: int = 20,
     relative: bool = True,
     norm: Literal["hessian", "euclidean"] = "hessian",
+    role: Literal["both", "positive"] = "both",
 ) -> pd.DataFrame:
     """Culprits and supporters of one labelled item's zero-shot loss.
 
     Returns ``2·top_k`` training rows: the ``top_k`` culprits (most negative score first) then the
     ``top_k`` supporters (most positive first), with ``role``, ``influence`` (predicted change of the
     item's loss in nats if the pair is removed), ``influence_pos``/``influence_neg``,
-    ``relative_influence`` and the pair's manifest columns.  ``relative=False`` ranks by ``influence``.
+    ``relative_influence``, ``main_role`` (``"positive"`` or ``"negative"``: the role with the larger
+    share of the pair's effect on this item) and the pair's manifest columns.
+
+    ``relative=False`` ranks by ``influence`` instead of the relative score.  ``role="positive"``
+    ranks by the positive-role part ``influence_pos`` (divided by the same step norm when relative)
+    instead of the total, leaving out pairs that act on the item only as negatives.
     """
+    if role not in ("both", "positive"):
+        raise ValueError(f"role must be 'both' or 'positive', got {role!r}")
     engine = load_engine(run)
     matches = np.flatnonzero(engine.manifest["uid"].astype(str).to_numpy() == str(uid))
     if not len(matches):
@@ -97,9 +113,11 @@ def trace(
     else:
         step_norms = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
     table["relative_influence"] = relative_influence(table["influence"].to_numpy(), step_norms)
-    key = "relative_influence" if relative else "influence"
-    culprits = table.nsmallest(top_k, key).assign(role="culprit")
-    supporters = table.nlargest(top_k, key).assign(role="supporter")
+    table["main_role"] = np.where(table["influence_pos"].abs() >= table["influence_neg"].abs(), "positive", "negative")
+    part = table["influence" if role == "both" else "influence_pos"].to_numpy()
+    ranking = relative_influence(part, step_norms) if relative else part
+    culprits = table.iloc[np.argsort(ranking, kind="stable")[:top_k]].assign(role="culprit")
+    supporters = table.iloc[np.argsort(-ranking, kind="stable")[:top_k]].assign(role="supporter")
     result = pd.concat([culprits, supporters], ignore_index=True)
     manifest_columns = [c for c in engine.manifest.columns if c not in result.columns and c != "source_row"]
     details = engine.manifest.loc[result["row"], manifest_columns].reset_index(drop=True)
