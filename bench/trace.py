@@ -7,8 +7,9 @@ trained on that manifest and every pair scored; then, for every test item of the
 model gets wrong, ``ecif.trace`` ranks the training pairs by their effect on that item's zero-shot
 loss, and we count how many of its top-k culprits are planted pairs (precision@k), with the
 relative score (RelatIF, the default) and the plain influence, ranking by both roles (the default)
-and by the positive role alone (``role="positive"``).  It also counts how many of the non-planted
-culprits act mainly as negatives (``main_role``).  The base rate is the share of planted pairs in
+and by the positive role alone (``rank_by="positive"``).  It also counts how many of the non-planted
+culprits act mainly as negatives (``main_role``), and how many of those are genuine pairs of the
+wrong class whose caption is that of a planted pair in their reference batch.  The base rate is the share of planted pairs in
 the whole training set (what a random ranking would get).
 
     .venv/bin/python bench/trace.py                # shapes, n=3000, every red square captioned as a circle
@@ -96,6 +97,21 @@ def backbone_similarity(run, manifest, label: str, colour: str, wrong: str) -> l
     return [[name, int(mask.sum()), float(reference @ mean_direction(mask))] for name, mask in groups if mask.any()]
 
 
+def planted_caption_in_batch(run, manifest) -> dict[int, bool]:
+    """Manifest row → whether a planted pair with the very same caption sits in its reference batch."""
+    from ecif.tasks.engine import load_engine
+
+    engine = load_engine(run)
+    captions = manifest["caption"].to_numpy()
+    planted = manifest["corrupted"].astype(bool).to_numpy()
+    answer = {}
+    for batch in engine.problem.data.batches:
+        rows = engine.train_rows[batch.numpy()]
+        planted_captions = {captions[r] for r in rows if planted[r]}
+        answer.update({int(r): (not planted[r]) and captions[r] in planted_captions for r in rows})
+    return answer
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -127,19 +143,26 @@ def main(argv=None) -> dict:
     log(f"{len(group)} test items of the group ({colour} {label}); {len(mistakes)} wrong, "
         f"{int((mistakes['predicted'] == wrong).sum())} of them as {wrong}")
 
+    shares_a_planted_caption = planted_caption_in_batch(run, manifest)
     per_item = []
     for item in group.itertuples():
         row = {"uid": item.uid, "predicted": item.predicted, "correct": bool(item.correct), "prob_true": float(item.prob_true)}
-        for role in ("both", "positive"):
+        for rank_by in ("total", "positive"):
             for relative in (True, False):
-                traced = ecif.trace(run, item.uid, top_k=args.top_k, relative=relative, role=role)
+                traced = ecif.trace(run, item.uid, top_k=args.top_k, relative=relative, rank_by=rank_by)
                 culprits = traced[traced["role"] == "culprit"]
                 planted_culprits = culprits["corrupted"].astype(bool)
-                name = ("relative" if relative else "plain") + ("" if role == "both" else "_positive")
+                name = ("relative" if relative else "plain") + ("" if rank_by == "total" else "_positive")
                 row[name] = float(planted_culprits.mean())
                 if name == "plain":
                     others = culprits[~planted_culprits]
-                    row["others_as_negatives"] = float((others["main_role"] == "negative").mean()) if len(others) else None
+                    as_negatives = others[others["main_role"] == "negative"]
+                    row["others"] = len(others)
+                    row["others_as_negatives"] = len(as_negatives)
+                    of_wrong_class = as_negatives["label"] == wrong
+                    row["as_negatives_of_wrong_class"] = int(of_wrong_class.sum())
+                    row["as_negatives_sharing_a_planted_caption"] = int(
+                        (of_wrong_class & as_negatives["row"].map(shares_a_planted_caption)).sum())
         per_item.append(row)
 
     rows = []
@@ -149,11 +172,15 @@ def main(argv=None) -> dict:
         ("every test item of the group (right or wrong)", per_item),
     ):
         def mean(key: str):
-            values = [r[key] for r in items if r[key] is not None]
-            return float(np.mean(values)) if values else None
+            return float(np.mean([r[key] for r in items])) if items else None
+
+        def pooled(part: str, whole: str):
+            total = sum(r[whole] for r in items)
+            return sum(r[part] for r in items) / total if total else None
 
         rows.append([subset, len(items), mean("relative"), mean("plain"), mean("relative_positive"), mean("plain_positive"),
-                     mean("others_as_negatives"), base_rate])
+                     pooled("others_as_negatives", "others"), pooled("as_negatives_of_wrong_class", "others_as_negatives"),
+                     pooled("as_negatives_sharing_a_planted_caption", "others_as_negatives"), base_rate])
 
     def verdict(row: list) -> str:
         if row[2] is None:
@@ -174,13 +201,16 @@ def main(argv=None) -> dict:
         f"the share of planted pairs among its top-{args.top_k} culprits (`ecif.trace`), averaged over the mistakes:",
         "",
         markdown_table(["mistakes", "items", f"precision@{args.top_k} (relative)", f"precision@{args.top_k} (plain)",
-                        "positive role (relative)", "positive role (plain)", "other plain culprits acting as negatives",
+                        "positive role (relative)", "positive role (plain)", "non-planted plain culprits acting as negatives",
+                        f"of those: a {wrong}", f"of those: a {wrong} with the caption of a planted pair of its batch",
                         "base rate"], rows),
         "",
-        "Both roles: ranked by the pair's whole effect (ECIF, `ecif.trace` default).  Positive role: ranked by its "
-        "effect through its own image–caption link alone (`role=\"positive\"`).  Last but one column: of the plain "
-        "top culprits that are not planted, the share whose effect on the item comes mainly through the negative role "
-        "(`main_role`), i.e. correct pairs that matter as negatives in a planted pair's batch.",
+        "Precision columns: mean over the items.  Both roles: ranked by the pair's whole effect (ECIF, `ecif.trace` "
+        "default).  Positive role: ranked by its effect through its own image–caption link alone "
+        "(`rank_by=\"positive\"`).  The next three columns pool the plain top culprits of all the items: among those "
+        "that are not planted, the share whose effect on the item comes mainly through the negative role "
+        f"(`main_role`); among these, the share that are genuine {wrong} pairs, and the share that are genuine {wrong} "
+        "pairs whose caption is word for word the caption of a planted pair in the same reference batch.",
         "",
         f"Where the backbone puts the group: cosine between the mean unit backbone image feature of the group's "
         f"{len(group)} test items and that of",

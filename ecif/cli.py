@@ -321,9 +321,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from ecif.tasks.trace import trace
 
-    table = trace(_open_run(args.run), args.item, top_k=args.top_k, relative=not args.plain, role=args.role)
-    columns = ["role", "uid", "caption", "relative_influence", "influence", "influence_pos", "influence_neg", "main_role",
-               "corrupted"]
+    table = trace(_open_run(args.run), args.item, top_k=args.top_k, relative=not args.plain, rank_by=args.rank_by)
+    columns = ["role", "uid", "caption", "score", "influence", "influence_pos", "influence_neg", "main_role", "corrupted"]
     _emit(args, {"item": args.item, "pairs": table}, _table(table, columns, 2 * args.top_k))
     return 0
 
@@ -496,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item", required=True, help="uid of a labelled item")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--plain", action="store_true", help="rank by plain influence instead of the relative score")
-    p.add_argument("--role", default="both", choices=["both", "positive"],
+    p.add_argument("--rank-by", default="total", choices=["total", "positive"],
                    help="rank by the total effect (both roles, default) or by the positive role alone: the pairs "
                    "whose own caption drives the item to its answer, leaving out correct pairs that act only as negatives")
     p.add_argument("--json", action="store_true")

@@ -186,20 +186,25 @@ def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pyt
 
     calls = []
 
-    def fake_trace(run_, uid, top_k=20, relative=True, role="both"):
-        calls.append((uid, top_k, relative, role))
+    def fake_trace(run_, uid, top_k=20, relative=True, rank_by="total"):
+        calls.append((uid, top_k, relative, rank_by))
         scores = run_.scores().sort_values("influence")
         culprits, supporters = scores.head(3), scores.tail(2)
+        # Item-level values that no run-level column has, so the cards must be showing the trace's.
         return pd.concat([culprits.assign(role="culprit"), supporters.assign(role="supporter")]).assign(
-            relative_influence=lambda f: f["influence"] / 2)[
-            ["row", "uid", "influence", "influence_pos", "influence_neg", "relative_influence", "role"]]
+            influence_pos=[-0.7131, -0.5131, -0.3131, 0.2131, 0.4131], influence_neg=[0.0641, -0.1871, 0.0, 0.0, 0.0],
+            score=[-1.2345, -0.5432, -0.1111, 0.2222, 0.9876])[
+            ["row", "uid", "influence", "influence_pos", "influence_neg", "score", "role"]]
 
     monkeypatch.setattr(ecif, "trace", fake_trace)
     item = run.mispredictions().query("not correct")["uid"].iloc[0]
     at = app(run, "mispredictions", item=item)
-    assert not at.exception and calls == [(item, 8, True, "both")]
-    at.radio(key="mp_role").set_value("own caption only").run()
+    assert not at.exception and calls == [(item, 8, True, "total")]
+    cards = " ".join(element.value for element in at.get("html"))
+    assert "score -1.23" in cards and "-0.713" in cards and "+0.064" in cards  # the trace's score and role bars
+    at.radio(key="mp_rank_by").set_value("positive role only (own caption)").run()
     assert not at.exception and calls[-1] == (item, 8, True, "positive")
+    assert any("through their own caption" in header.value for header in at.subheader)
     at.toggle(key="mp_relative").set_value(False).run()
     assert not at.exception and calls[-1] == (item, 8, False, "positive")
     culprit_drops = [b for b in at.button if b.key and b.key.startswith("trace_culprit_drop_")]

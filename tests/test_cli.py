@@ -80,6 +80,10 @@ def test_reporting_commands_on_the_demo_run(scored_demo_run, capsys):
     uid = wrong[0]["uid"] if wrong else table["uid"].iloc[0]
     traced = _json(capsys, ["trace", "--run", run, "--item", uid, "--top-k", "5", "--json"])
     assert traced["item"] == uid and len(traced["pairs"]) == 10
+    own = _json(capsys, ["trace", "--run", run, "--item", uid, "--top-k", "5", "--rank-by", "positive", "--plain", "--json"])
+    culprits = [pair for pair in own["pairs"] if pair["role"] == "culprit"]
+    assert [pair["score"] for pair in culprits] == [pair["influence_pos"] for pair in culprits]
+    assert {pair["main_role"] for pair in own["pairs"]} <= {"positive", "negative"}
     assert main(["trace", "--run", run, "--item", "nope"]) == 1
 
 
@@ -102,5 +106,5 @@ def test_choices_written_out_in_the_parser_match_the_library():
 
     assert choices("score", "--solver") == list(typing.get_args(SolverName))
     assert choices("detect", "--method") == list(typing.get_args(typing.get_type_hints(flag)["method"]))
-    assert choices("trace", "--role") == list(typing.get_args(typing.get_type_hints(trace)["role"]))
+    assert choices("trace", "--rank-by") == list(typing.get_args(typing.get_type_hints(trace)["rank_by"]))
     assert set(INFLUENCE_COLUMNS) <= set(SUSPICION)

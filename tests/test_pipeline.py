@@ -107,16 +107,24 @@ def test_trace_returns_culprits_and_supporters_of_a_misprediction(run):
     assert culprits["relative_influence"].max() < supporters["relative_influence"].min()
     plain = ecif.trace(run, item["uid"], top_k=10, relative=False)
     assert (plain[plain.role == "culprit"]["influence"] < 0).all()
-    own_link_dominates = plain["influence_pos"].abs() >= plain["influence_neg"].abs()
-    assert (plain["main_role"] == np.where(own_link_dominates, "positive", "negative")).all()
-    own = ecif.trace(run, item["uid"], top_k=10, relative=False, role="positive")
-    own_culprits = own[own.role == "culprit"]
-    assert (own_culprits["influence_pos"].diff().dropna() >= 0).all()
+    # The role that dominates decides the sign of the total: a culprit's main role pulls the loss down.
+    main_part = np.where(plain["main_role"] == "positive", plain["influence_pos"], plain["influence_neg"])
+    assert (np.sign(main_part) == np.sign(plain["influence"])).all()
+    assert (plain["score"] == plain["influence"]).all()
     everyone = ecif.trace(run, item["uid"], top_k=len(run.scores()), relative=False)
-    everyone = everyone[everyone.role == "culprit"]
-    assert own_culprits["influence_pos"].max() <= everyone["influence_pos"].nsmallest(10).max()
-    with pytest.raises(ValueError, match="role"):
-        ecif.trace(run, item["uid"], role="negative")
+    everyone = everyone[everyone.role == "culprit"].set_index("row")
+    step_norms = everyone["influence"] / everyone["relative_influence"]
+    for relative in (False, True):
+        own = ecif.trace(run, item["uid"], top_k=10, relative=relative, rank_by="positive")
+        expected = everyone["influence_pos"] / (step_norms if relative else 1.0)
+        culprits, supporters = own[own.role == "culprit"], own[own.role == "supporter"]
+        assert culprits["row"].tolist() == expected.nsmallest(10).index.tolist()
+        assert supporters["row"].tolist() == expected.nlargest(10).index.tolist()
+        assert np.allclose(culprits["score"], expected.loc[culprits["row"]])
+    with pytest.raises(ValueError, match="rank_by"):
+        ecif.trace(run, item["uid"], rank_by="negative")
+    with pytest.raises(ValueError, match="top_k"):
+        ecif.trace(run, item["uid"], top_k=0)
     with pytest.raises(KeyError):
         ecif.trace(run, "no-such-uid")
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from ecif.run import MISPREDICTIONS_FILE
 
 from views.common import ENGINE_SPINNER, Context, card_grid, engine_call, read_frame
 
-RANKINGS = {"both roles (ECIF)": "both", "own caption only": "positive"}
+RANKINGS = {"total effect (both roles)": "total", "positive role only (own caption)": "positive"}
 
 
 def render(ctx: Context) -> None:
@@ -40,10 +41,10 @@ def render(ctx: Context) -> None:
                    f"({item['prob_predicted']:.2f}; true class {item['prob_true']:.2f})")
     top_k = right.slider("Pairs per side", 2, 40, 8, key="mp_k")
     ranking = right.radio(
-        "Rank by", list(RANKINGS), horizontal=True, key="mp_role",
-        help="Both roles: the pairs whose removal would change this item's loss most (ECIF). Own caption: "
-             "only the pair's effect through its own image–caption link, which leaves out correct pairs that "
-             "matter only as negatives in their batch (nothing to fix in those).")
+        "Rank by", list(RANKINGS), horizontal=True, key="mp_rank_by",
+        help="Total effect: the pairs whose removal would change this item's loss most, through both roles "
+             "(ECIF). Positive role only: the pair's effect through its own image–caption link, which leaves out "
+             "correct pairs that matter only as negatives in their batch (nothing to fix in those).")
     relative = right.toggle(
         "Relative score (RelatIF)", value=True, key="mp_relative",
         help="Divide each pair's effect by the size of its own parameter step, so that a few high-leverage "
@@ -54,18 +55,19 @@ def render(ctx: Context) -> None:
         st.warning("The engine's `ecif.trace` is not available in this installation.")
         return
     with st.spinner(ENGINE_SPINNER.format(name="trace")):
-        found = trace(ctx.run, str(item["uid"]), top_k=int(top_k), relative=relative, role=RANKINGS[ranking])
+        found = trace(ctx.run, str(item["uid"]), top_k=int(top_k), relative=relative, rank_by=RANKINGS[ranking])
     st.caption("Bars: each pair's effect on **this item's** loss if it were removed, through its own caption "
                "(pos) and as a negative in the softmax of its batch (neg); red = removing it would lower the "
                "loss (a culprit), green = raise it.")
-    scale = float(found[["influence_pos", "influence_neg"]].abs().to_numpy().max()) or 1.0
-    for role, title in (("culprit", "Culprits (removing them would lower this item's loss)"),
-                        ("supporter", "Supporters (they help the model here)")):
+    largest = np.nanmax(found[["influence_pos", "influence_neg"]].abs().to_numpy(), initial=0.0)
+    scale = float(largest) if np.isfinite(largest) and largest > 0 else 1.0
+    through = " through their own caption" if RANKINGS[ranking] == "positive" else ""
+    for role, title in (("culprit", f"Culprits (removing them would lower this item's loss{through})"),
+                        ("supporter", f"Supporters (they help the model here{through})")):
         st.subheader(title)
         rows = found[(found["role"] == role) & found["row"].isin(ctx.table.index)]
         # The trace's own role split replaces the run-level one: the card is about this item.
-        pairs = ctx.table.loc[rows["row"]].assign(
-            **{column: rows[column].to_numpy() for column in ("influence", "relative_influence", "influence_pos",
-                                                              "influence_neg")})
-        card_grid(ctx, pairs, key=f"trace_{role}", columns=4, scale=scale,
-                  extra_column="relative_influence" if relative else "influence")
+        # The run-level harm rank would read as a rank in this list, so the cards leave it out.
+        pairs = ctx.table.loc[rows["row"]].drop(columns="rank", errors="ignore").assign(
+            **{column: rows[column].to_numpy() for column in ("score", "influence_pos", "influence_neg")})
+        card_grid(ctx, pairs, key=f"trace_{role}", columns=4, scale=scale, extra_column="score")

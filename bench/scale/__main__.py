@@ -75,7 +75,7 @@ def measure(store_dir: Path, shards: int, mode: str, workers: int, out: Path) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, work: str = "scoring") -> None:
     """Time and peak memory against N, log-log, one line per mode (PIL: matplotlib is not a dependency)."""
     from bench.scale.plot import line_panels
 
@@ -85,7 +85,7 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [row for row in rows if row["mode"] == mode]
         time_lines[mode] = [(row["n_pairs"], row["seconds"]["total"]) for row in mine]
         memory_lines[mode] = [(row["n_pairs"], peak_mib(row)) for row in mine]
-    line_panels(path, [("scoring time (s)", time_lines), ("peak memory per process (MiB)", memory_lines)], x_label="pairs N")
+    line_panels(path, [(f"{work} time (s)", time_lines), ("peak memory per process (MiB)", memory_lines)], x_label="pairs N")
 
 
 def peak_mib(row: dict) -> float:

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import default_work_dir, log, machine_info, machine_markdown, markdown_table, publish  # noqa: E402
-from bench.scale.__main__ import peak_mib  # noqa: E402
+from bench.common import RESULTS_DIR, default_work_dir, log, machine_info, machine_markdown, markdown_table, publish  # noqa: E402
+from bench.scale.__main__ import peak_mib, plot  # noqa: E402
 from bench.scale.measure import worker_peaks_mib  # noqa: E402
 
 
@@ -160,6 +160,9 @@ def main(argv=None) -> None:
         ])
     headers = ["N", "mode", "total s", "pairs/s", "time ÷ linear", "speed-up vs local", "driver peak MiB",
                "worker peak MiB", "peak ÷ smallest N"]
+    png = (args.results or RESULTS_DIR) / f"{args.name}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, png, "extraction")
     markdown = "\n\n".join([
         f"## Streamed feature extraction (ecif-demo backbone, parquet shards of {args.chunk_rows} rows)",
         machine_markdown(info),
@@ -169,6 +172,7 @@ def main(argv=None) -> None:
         "at the smallest N) ÷ (N / smallest N): 1 is linear. Peak = resident memory (ru_maxrss of the driver; VmHWM "
         "of each Ray worker); Ray's start-up is not in 'total s'.",
         markdown_table(headers, table_rows),
+        f"![time and memory against N]({png.name})",
     ])
     publish(args.name, {"machine": info, "chunk_rows": args.chunk_rows, "rows": rows}, markdown, args.results)
 

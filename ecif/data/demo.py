@@ -270,7 +270,8 @@ def _systematic_group(spec: _Spec) -> tuple[str, str, str]:
 
 
 def systematic_group(name: DemoName) -> tuple[str, str, str]:
-    """``(class, colour, wrong class)`` of the ``systematic`` corruption of the demo data set ``name``."""
+    """``(class, colour, wrong class)`` of the ``systematic`` corruption of the demo data set ``name``
+    (``systematic-class`` uses the class and the wrong class, in every colour)."""
     return _systematic_group(_DATASETS[name][0])
 
 

@@ -8,11 +8,11 @@ relative score ``Δφ_n / ‖Δθ_n‖_H`` (RelatIF) so that a few high-leverage
 
 A pair acts in two roles (ECIF_METHOD §1): through its own image–caption link (positive) and as a
 negative inside the softmax of the other pairs of its batch.  A correct pair can be a real culprit
-through the negative role alone: a genuine red circle whose caption is word for word that of a
-planted red square in its batch pushes that caption away from circle images, towards the square.
-Removing it would lower the item's loss, but its caption is right, so there is nothing to fix in
-it.  ``main_role`` says which role dominates, and ``role="positive"`` ranks by the positive part
-alone: the pairs whose own caption drives the item to its answer, the ones a curator can fix.
+through the negative role alone: for instance, a genuine red circle whose caption is word for word
+that of a mislabelled red square in its batch pushes that caption away from circle images, towards
+the square.  Removing it would lower the item's loss, but its caption is right, so there is nothing
+to fix in it.  ``main_role`` says which role dominates, and ``rank_by="positive"`` ranks by the positive-role
+part alone: the pairs whose own caption drives the item to its answer, the ones a curator can fix.
 """
 
 from __future__ import annotations
@@ -81,22 +81,28 @@ def trace(
     top_k: int = 20,
     relative: bool = True,
     norm: Literal["hessian", "euclidean"] = "hessian",
-    role: Literal["both", "positive"] = "both",
+    rank_by: Literal["total", "positive"] = "total",
 ) -> pd.DataFrame:
     """Culprits and supporters of one labelled item's zero-shot loss.
 
-    Returns ``2·top_k`` training rows: the ``top_k`` culprits (most negative score first) then the
-    ``top_k`` supporters (most positive first), with ``role``, ``influence`` (predicted change of the
-    item's loss in nats if the pair is removed), ``influence_pos``/``influence_neg``,
+    Returns ``2·top_k`` training rows: the ``top_k`` culprits (most negative ``score`` first) then the
+    ``top_k`` supporters (most positive first), with ``role`` (culprit / supporter), ``score`` (the
+    value ranked by), ``influence`` (predicted change of the item's loss in nats if the pair is
+    removed), ``influence_pos``/``influence_neg`` (its positive- and negative-role parts),
     ``relative_influence``, ``main_role`` (``"positive"`` or ``"negative"``: the role with the larger
     share of the pair's effect on this item) and the pair's manifest columns.
 
-    ``relative=False`` ranks by ``influence`` instead of the relative score.  ``role="positive"``
-    ranks by the positive-role part ``influence_pos`` (divided by the same step norm when relative)
-    instead of the total, leaving out pairs that act on the item only as negatives.
+    The score is ``relative_influence`` by default, ``influence`` with ``relative=False``.  With
+    ``rank_by="positive"`` it is the positive-role part ``influence_pos`` (divided by the same step
+    norm when relative) instead of the total, leaving out pairs that act on the item only as
+    negatives; a culprit is then negative in ``influence_pos``, not necessarily in ``influence``.
     """
-    if role not in ("both", "positive"):
-        raise ValueError(f"role must be 'both' or 'positive', got {role!r}")
+    if rank_by not in ("total", "positive"):
+        raise ValueError(f"rank_by must be 'total' or 'positive', got {rank_by!r}")
+    if norm not in ("hessian", "euclidean"):
+        raise ValueError(f"norm must be 'hessian' or 'euclidean', got {norm!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
     engine = load_engine(run)
     matches = np.flatnonzero(engine.manifest["uid"].astype(str).to_numpy() == str(uid))
     if not len(matches):
@@ -114,10 +120,10 @@ def trace(
         step_norms = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
     table["relative_influence"] = relative_influence(table["influence"].to_numpy(), step_norms)
     table["main_role"] = np.where(table["influence_pos"].abs() >= table["influence_neg"].abs(), "positive", "negative")
-    part = table["influence" if role == "both" else "influence_pos"].to_numpy()
-    ranking = relative_influence(part, step_norms) if relative else part
-    culprits = table.iloc[np.argsort(ranking, kind="stable")[:top_k]].assign(role="culprit")
-    supporters = table.iloc[np.argsort(-ranking, kind="stable")[:top_k]].assign(role="supporter")
+    part = table["influence" if rank_by == "total" else "influence_pos"].to_numpy()
+    table["score"] = relative_influence(part, step_norms) if relative else part
+    culprits = table.nsmallest(top_k, "score").assign(role="culprit")
+    supporters = table.nlargest(top_k, "score").assign(role="supporter")
     result = pd.concat([culprits, supporters], ignore_index=True)
     manifest_columns = [c for c in engine.manifest.columns if c not in result.columns and c != "source_row"]
     details = engine.manifest.loc[result["row"], manifest_columns].reset_index(drop=True)
