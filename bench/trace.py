@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def of_colour(frame, colour: str):
+    """Rows of ``colour``; every row for ``"every"`` (systematic-class: the group spans every colour)."""
+    return (frame["colour"] == colour) | (colour == "every")
+
+
 def backbone_similarity(run, manifest, label: str, colour: str, wrong: str) -> list[list]:
     """Cosine of the mean unit backbone image feature of the group's test items with that of other groups.
 
@@ -85,7 +90,7 @@ def backbone_similarity(run, manifest, label: str, colour: str, wrong: str) -> l
         centre = image[np.asarray(mask)].mean(axis=0)
         return centre / np.linalg.norm(centre)
 
-    same_colour = (manifest["colour"] == colour) | (colour == "every")
+    same_colour = of_colour(manifest, colour)
     reference = mean_direction(same_colour & (manifest["label"] == label) & (manifest["split"] == "test"))
     groups = [
         (f"planted training pairs ({colour} {label})", same_colour & (manifest["label"] == label) & (manifest["split"] == "train")),
@@ -138,7 +143,7 @@ def main(argv=None) -> dict:
     similarity = backbone_similarity(run, manifest, label, colour, wrong)
     table = zero_shot_table(run, splits=["test"])
     table = table.merge(manifest[["uid", "colour"]], on="uid")
-    group = table[(table["label"] == label) & ((table["colour"] == colour) | (colour == "every"))]
+    group = table[(table["label"] == label) & of_colour(table, colour)]
     mistakes = group[~group["correct"]]
     log(f"{len(group)} test items of the group ({colour} {label}); {len(mistakes)} wrong, "
         f"{int((mistakes['predicted'] == wrong).sum())} of them as {wrong}")
@@ -195,7 +200,7 @@ def main(argv=None) -> dict:
         "",
         machine_markdown(machine),
         "",
-        f"{args.name}, n={args.n}: {int(planted.sum())} of the {int(((train['label'] == label) & ((train['colour'] == colour) | (colour == 'every'))).sum())} "
+        f"{args.name}, n={args.n}: {int(planted.sum())} of the {int(((train['label'] == label) & of_colour(train, colour)).sum())} "
         f"training pairs that show a {'' if colour == 'every' else colour + ' '}{label} are captioned as a {wrong} ({int(planted.sum())} planted pairs among "
         f"{len(train)} training pairs).  Test items of that group: {len(group)}, wrong: {len(mistakes)}.  For each mistake, "
         f"the share of planted pairs among its top-{args.top_k} culprits (`ecif.trace`), averaged over the mistakes:",
