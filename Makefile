@@ -46,6 +46,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/trace.py --pretrained-pool --corruption systematic-class
 	$(BIN)/python bench/scoring_time.py
 	$(BIN)/python bench/solvers.py
+	$(BIN)/python bench/blocks.py
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.scale.extraction

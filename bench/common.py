@@ -25,6 +25,15 @@ if str(REPO) not in sys.path:  # running `python bench/NAME.py` from a checkout 
     sys.path.insert(0, str(REPO))
 
 
+def add_common_arguments(parser, seed: bool = True) -> None:
+    """``--seed``, ``--threads``, ``--work`` and ``--results``, the same in every script."""
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="folder of the (resumable) runs; default $ECIF_CACHE/bench")
+    parser.add_argument("--results", type=Path, default=None, help="where NAME.json/.md go; default bench/results")
+
+
 def set_threads(threads: int) -> None:
     """Fix torch's intra-op threads (the benchmarks are meant to be comparable across runs)."""
     import torch

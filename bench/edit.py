@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_common_arguments,
     default_work_dir,
     log,
     machine_info,
@@ -45,10 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--fraction", type=float, default=0.1, help="share of training pairs dropped (most harmful first)")
     parser.add_argument("--newton-steps", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
+    add_common_arguments(parser)
     parser.add_argument("--name", default="edit", help="result file stem")
     return parser.parse_args(argv)
 

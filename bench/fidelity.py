@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_common_arguments,
     default_work_dir,
     log,
     machine_info,
@@ -76,10 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="reference batch size of the fine-tuning (own run folder, suffix -bN); default: the library default, "
         "or whatever an existing run folder was made with",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None, help="folder of the (resumable) runs; default $ECIF_CACHE/bench")
-    parser.add_argument("--results", type=Path, default=None, help="where NAME.json/.md go; default bench/results")
+    add_common_arguments(parser)
     parser.add_argument("--name", default="fidelity", help="result file stem")
     args = parser.parse_args(argv)
     if args.n is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_common_arguments,
     StageLogger,
     default_work_dir,
     log,
@@ -45,10 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--solvers", default="dense,ekfac", help="comma-separated curvature solvers to time")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
+    add_common_arguments(parser)
     parser.add_argument("--name", default="scoring_time")
     return parser.parse_args(argv)
 

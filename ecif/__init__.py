@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 # Names resolve on first use so that ``import ecif`` (the app, the command line) does not pay for
 # torch and open_clip before it needs them.
 _EXPORTS = {
+    "BlocksScope": "ecif.influence.blocks",
     "Cancelled": "ecif.progress",
     "ContrastiveData": "ecif.influence.objective",
     "CurvatureConfig": "ecif.curvature.solvers",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "finetune_heads": "ecif.models.heads",
     "flag": "ecif.tasks.detect",
     "influence_on": "ecif.influence.scores",
+    "initial_scope": "ecif.models.heads",
     "iter_manifest_chunks": "ecif.data.manifest",
     "load_manifest": "ecif.data.manifest",
     "mispredictions": "ecif.tasks.trace",
@@ -62,10 +64,11 @@ _EXPORTS = {
 if TYPE_CHECKING:  # pragma: no cover
     from ecif.curvature.solvers import CurvatureConfig, build_solver
     from ecif.data.manifest import iter_manifest_chunks, load_manifest
+    from ecif.influence.blocks import BlocksScope
     from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
     from ecif.influence.scores import influence_on, self_influence
     from ecif.influence.streaming import FeatureStore, StreamingConfig, read_scores, score_store, write_feature_store
-    from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads
+    from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads, initial_scope
     from ecif.progress import Cancelled, Reporter
     from ecif.run import Run
     from ecif.tasks.clean import EditResult, apply_edit, predict_edit, verify_by_refit
@@ -85,6 +88,7 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
+    "BlocksScope",
     "Cancelled",
     "ContrastiveData",
     "CurvatureConfig",
@@ -106,6 +110,7 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "finetune_heads",
     "flag",
     "influence_on",
+    "initial_scope",
     "iter_manifest_chunks",
     "load_manifest",
     "mispredictions",

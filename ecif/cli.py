@@ -168,7 +168,7 @@ def _run_config(args: argparse.Namespace):
         trusted_split=args.trusted_split,
         test_split=args.test_split,
         demo=DemoDataConfig(),
-        finetune=FinetuneConfig(delta=args.delta, batch_size=args.batch_size, learn_logit_scale=args.learn_logit_scale),
+        finetune=FinetuneConfig(delta=args.delta, batch_size=args.batch_size, learn_logit_scale=args.learn_logit_scale, blocks=args.blocks),
         curvature=CurvatureConfig(solver=args.solver, kind=args.curvature, damping=args.damping),
     )
 
@@ -406,7 +406,14 @@ def _add_run_options(parser: argparse.ArgumentParser, out_required: bool = True)
     parser.add_argument("--delta", type=float, default=1.0, help="penalty towards the starting heads (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=64, help="reference batch size (default 64)")
     parser.add_argument("--learn-logit-scale", action="store_true", help="include the logit scale in the influence scope")
-    parser.add_argument("--solver", default="auto", choices=["auto", "dense", "cg", "ekfac", "ekfac-cg"], help="curvature solver")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=0,
+        help="widen the influence scope to the last N transformer blocks of each tower as well as the heads "
+        "(default 0: heads only; slower, for up to a few thousand pairs)",
+    )
+    parser.add_argument("--solver", default="auto", choices=["auto", "dense", "cg", "ekfac", "ekfac-cg", "lowrank-cg"], help="curvature solver")
     parser.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"], help="Hessian or Gauss-Newton")
     parser.add_argument("--damping", type=float, default=1e-4, help="damping added to the curvature (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -444,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, text in (
         ("features", cmd_features, "compute and cache backbone features"),
-        ("finetune", cmd_finetune, "fine-tune the projection heads to a minimiser and report convergence"),
+        ("finetune", cmd_finetune, "fine-tune the influence scope (the heads; with --blocks also the last blocks) to a minimiser and report convergence"),
         ("score", cmd_score, "score every training pair (the whole run)"),
     ):
         p = commands.add_parser(name, help=text)

@@ -259,15 +259,18 @@ def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
     assert not at.exception
     bad = at.dataframe[0].value
     assert list(bad["reason"]) == ["missing file"]
+    at.number_input(key="load_blocks").set_value(1).run()
     at.button(key="start_scoring").click().run()
     target = Path(at.query_params["run"])
     assert target.parent == tmp_path / "cache" / "runs" and target.name.startswith("mine-")
+    assert target.name.endswith("-blocks1")  # a run of another scope gets its own folder
     deadline = time.monotonic() + 10
     while (read_status(target) or {}).get("state") != "done":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert started[0]["manifest"] == str(manifest) and started[0]["trusted_split"] == "val"
     assert read_status(target)["settings"]["finetune"]["delta"] == 1.0  # recorded for resume
+    assert read_status(target)["settings"]["finetune"]["blocks"] == 1
 
 
 def test_dropped_bin_and_restore(run) -> None:

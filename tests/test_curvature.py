@@ -1,6 +1,5 @@
 """Curvature products and every solver against the dense reference."""
 
-import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -106,14 +105,19 @@ def test_indefinite_curvature_is_refused_clearly(toy):
         build_solver(weak, far_from_minimum, CurvatureConfig(solver="dense", damping=0.0))
 
 
-@pytest.mark.parametrize("name", ["dense", "ekfac"])
+@pytest.mark.parametrize("name", ["dense", "ekfac", "ekfac-cg", "lowrank-cg"])
 def test_stored_solver_gives_the_same_answers(toy, tmp_path, name):
     from ecif.curvature.solvers import load_solver, save_solver
 
-    solver = build_solver(toy.problem, toy.theta, CurvatureConfig(solver=name))
+    config = CurvatureConfig(solver=name)
+    solver = build_solver(toy.problem, toy.theta, config)
     assert save_solver(solver, tmp_path / "curvature.safetensors", "fingerprint-1")
     assert load_solver(tmp_path / "curvature.safetensors", "another problem") is None
-    loaded = load_solver(tmp_path / "curvature.safetensors", "fingerprint-1")
+    if name.endswith("-cg"):  # the conjugate gradient around the stored approximation is rebuilt
+        with pytest.raises(ValueError, match="refined solver"):
+            load_solver(tmp_path / "curvature.safetensors", "fingerprint-1")
+    loaded = load_solver(tmp_path / "curvature.safetensors", "fingerprint-1", toy.problem, toy.theta, config)
+    assert loaded.name == solver.name
     vectors = torch.randn(3, toy.theta.numel(), dtype=torch.float64)
     assert torch.allclose(loaded.solve(vectors), solver.solve(vectors), rtol=1e-10)
     assert torch.allclose(loaded.inverse_quadratic(vectors), solver.inverse_quadratic(vectors), rtol=1e-10)

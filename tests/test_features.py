@@ -118,9 +118,9 @@ def _count_encoded_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = features_module.encode_images
 
-    def counting(loaded, images):
+    def counting(loaded, images, blocks=0):
         calls.append(len(images))
-        return original(loaded, images)
+        return original(loaded, images, blocks)
 
     monkeypatch.setattr(features_module, "encode_images", counting)
     return calls

@@ -4,7 +4,8 @@ The weights are a seeded random initialisation saved by the test (the machine is
 numbers say nothing about CLIP itself; what is proven is the path a user's own checkpoint takes:
 the model's own preprocessing (224 px) and tokenizer, backbone features, fine-tuning the
 0.66M-parameter projection heads, EK-FAC scores (``solver="auto"`` above 16k parameters) checked
-against the exact matrix-free conjugate-gradient solve, and trace-back of a test item.
+against the exact matrix-free conjugate-gradient solve, and trace-back of a test item; and that the
+blocks scope (last transformer block of each tower) computes the model's own embeddings.
 """
 
 from __future__ import annotations
@@ -104,3 +105,25 @@ def test_trace_back_of_a_test_item_returns_culprits(vit_run: Run) -> None:
     assert np.isfinite(table["influence"]).all()
     assert set(table["row"]) <= set(load_engine(vit_run).train_rows)
     assert (culprits["relative_influence"].diff().dropna() >= 0).all()  # most negative first
+
+
+def test_the_blocks_scope_reproduces_vit_b_32s_own_embeddings(vit_run: Run) -> None:
+    """The last block of each ViT-B-32 tower (10.9M parameters) as the blocks scope computes it."""
+    from ecif.models.blocks import blocks_scope, encode_caption_blocks, encode_image_blocks
+    from ecif.models.features import load_images
+
+    loaded = load_run_model(vit_run)
+    scope, theta0 = blocks_scope(loaded.model, 1)
+    assert scope.size == theta0.numel() == 10_898_176
+    manifest = vit_run.manifest().head(2)
+    pixels, failed = load_images(manifest["filepath"].tolist(), loaded.preprocess)
+    assert not failed
+    captions = manifest["caption"].tolist()
+    image = torch.as_tensor(encode_image_blocks(loaded, pixels, 1), dtype=torch.float64)
+    text = torch.as_tensor(encode_caption_blocks(loaded, captions, 1), dtype=torch.float64)
+    assert image.shape == (2, 50, 769) and text.shape == (2, 77, 513)
+    with torch.no_grad():
+        expected_image = loaded.model.encode_image(pixels).double()
+        expected_text = loaded.model.encode_text(loaded.tokenizer(captions)).double()
+        torch.testing.assert_close(scope.project_image(theta0, image), expected_image, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scope.project_text(theta0, text), expected_text, rtol=1e-5, atol=1e-5)

@@ -95,7 +95,13 @@ def test_other_settings_in_the_same_folder_are_refused(run):
         ecif.run_pipeline(config)
 
 
-def test_trace_returns_culprits_and_supporters_of_a_misprediction(run):
+def test_trace_returns_culprits_and_supporters_of_a_misprediction(run, monkeypatch):
+    import ecif.tasks.trace as trace_module
+
+    solves = []
+    original = trace_module.influence_on
+    monkeypatch.setattr(trace_module, "influence_on", lambda *args: solves.append(1) or original(*args))
+    trace_module.load_engine(run).cache.clear()
     wrong = ecif.mispredictions(run)
     table = run.mispredictions()
     assert {"label", "predicted", "correct"} <= set(table.columns)
@@ -121,6 +127,8 @@ def test_trace_returns_culprits_and_supporters_of_a_misprediction(run):
         assert culprits["row"].tolist() == expected.nsmallest(10).index.tolist()
         assert supporters["row"].tolist() == expected.nlargest(10).index.tolist()
         assert np.allclose(culprits["score"], expected.loc[culprits["row"]])
+    # Five rankings of one item, one solve: the item's influence is kept on the engine.
+    assert len(solves) == 1
     with pytest.raises(ValueError, match="rank_by"):
         ecif.trace(run, item["uid"], rank_by="negative")
     with pytest.raises(ValueError, match="top_k"):

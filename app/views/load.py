@@ -62,7 +62,12 @@ def _own_data_form(ctx: Context) -> None:
                                   key="load_damping")
         solver = st.selectbox("Solver", get_args(SolverName), key="load_solver")
         kind = st.selectbox("Curvature", get_args(CurvatureKind), key="load_kind")
+        blocks = st.number_input("Transformer blocks in the influence scope", 0, 4, finetune.blocks, key="load_blocks",
+                                 help="0: the projection heads only (fast, any size). N > 0 adds the last N blocks of "
+                                 "each tower: influence through what the towers compute, for up to a few thousand pairs.")
     default_dir = run_dir_for(manifest, model, checkpoint or None) if manifest else None
+    if default_dir is not None and blocks:
+        default_dir = default_dir.with_name(f"{default_dir.name}-blocks{int(blocks)}")
     run_dir = st.text_input("Run folder (optional)", key="load_run_dir",
                             placeholder=str(default_dir or "derived from the manifest"),
                             help="Results and decisions are kept here; empty = the default shown.")
@@ -74,7 +79,7 @@ def _own_data_form(ctx: Context) -> None:
             "manifest": str(Path(manifest).expanduser().resolve()), "model": model or "demo",
             "checkpoint": checkpoint or None, "pretrained": pretrained or None,
             "trusted_split": trusted, "test_split": test,
-            "finetune": {"delta": float(delta), "batch_size": int(batch)},
+            "finetune": {"delta": float(delta), "batch_size": int(batch), "blocks": int(blocks)},
             "curvature": {"damping": float(damping), "solver": solver, "kind": kind},
         }
         _start(ctx, Path(run_dir) if run_dir else default_dir, settings)

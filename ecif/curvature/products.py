@@ -12,9 +12,9 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp, vjp, vmap
 
-from ecif.influence.objective import HeadsProblem, chunk_logits, mask_logits, positive_terms
+from ecif.influence.objective import HeadsProblem, HeadsScope, chunk_logits, mask_logits, positive_terms
 from ecif.progress import Reporter, as_reporter
 
 CurvatureKind = Literal["hessian", "ggn"]
@@ -91,6 +91,8 @@ def dense_curvature(
         raise ValueError(f"unknown curvature kind {kind!r}; expected 'hessian' or 'ggn'")
     reporter = as_reporter(reporter)
     scope, data = problem.scope, problem.data
+    if not isinstance(scope, HeadsScope):
+        return _dense_by_products(problem, theta, kind, reporter)
     w_image, w_text, log_scale = scope.split(theta)
     embed_dim, size = scope.embed_dim, theta.numel()
     widths = (scope.image_dim, scope.text_dim)
@@ -119,6 +121,20 @@ def dense_curvature(
         matrix[-1, :-1] = matrix[:-1, -1]
     matrix /= data.normaliser
     matrix.diagonal().add_(problem.delta)
+    return 0.5 * (matrix + matrix.T)
+
+
+def _dense_by_products(problem: HeadsProblem, theta: Tensor, kind: CurvatureKind, reporter: Reporter, columns: int = 64) -> Tensor:
+    """The curvature matrix as ``P`` curvature-vector products, ``columns`` at a time (any scope; the
+    reference for small blocks scopes, where no closed form in embedding space applies)."""
+    product = vmap(curvature_product(problem, theta, kind))
+    size = theta.numel()
+    identity = torch.eye(size, dtype=theta.dtype)
+    parts = []
+    for start in range(0, size, columns):
+        parts.append(product(identity[start : start + columns]))
+        reporter.report("curvature (dense)", min(start + columns, size), size)
+    matrix = torch.cat(parts)
     return 0.5 * (matrix + matrix.T)
 
 

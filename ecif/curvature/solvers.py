@@ -8,8 +8,10 @@ Gauss–Newton, both including the ``δ`` penalty) and damping ``λ``:
 - :class:`ConjugateGradientSolver`: matrix-free, one curvature-vector product per iteration.
 - :class:`KroneckerSolver`: eigenvalue-corrected K-FAC (EK-FAC) of the Gauss–Newton matrix of each
   projection head; memory ``O(d² + e² + d·e)``, so it scales to ViT-B/32 heads (0.66M parameters).
-- :class:`RefinedKroneckerSolver` (``"ekfac-cg"``): exact solves by conjugate gradient preconditioned
-  with the EK-FAC, EK-FAC quadratic forms.
+- :class:`LowRankSolver`: the top eigenpairs of the curvature (Lanczos), every other direction at
+  the penalty's curvature ``δ``; for scopes EK-FAC does not cover (the transformer blocks).
+- :class:`RefinedSolver` (``"ekfac-cg"``, ``"lowrank-cg"``): exact solves by conjugate gradient
+  preconditioned with the EK-FAC or the low-rank solver, whose quadratic forms it keeps.
 
 ``solve`` accepts ``[P]`` or ``[k, P]``; ``inverse_quadratic`` returns ``vᵀ(C + λI)⁻¹v`` per row.
 """
@@ -31,7 +33,7 @@ from ecif.curvature.products import CurvatureKind, curvature_product, dense_curv
 from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, embed
 from ecif.progress import Reporter, as_reporter
 
-SolverName = Literal["auto", "dense", "cg", "ekfac", "ekfac-cg"]
+SolverName = Literal["auto", "dense", "cg", "ekfac", "ekfac-cg", "lowrank-cg"]
 
 
 @dataclass
@@ -40,10 +42,11 @@ class CurvatureConfig:
 
     ``damping`` (λ) is added on top of ``δ``; at a well-conditioned minimum the Hessian is already
     positive definite and a small λ only guards round-off (bench/fidelity measures the effect).
-    ``solver="auto"`` takes the dense reference up to ``dense_max_params`` parameters and EK-FAC above.
+    ``solver="auto"`` takes the dense reference up to ``dense_max_params`` parameters and, above, EK-FAC
+    for the heads scope and ``"lowrank-cg"`` (``low_rank`` eigenpairs) for the blocks scope.
     ``"ekfac-cg"`` solves exactly (to ``cg_tolerance``) by conjugate gradient preconditioned with the
     EK-FAC: influence on a test function as the dense solver gives it, at tens of passes of
-    curvature products over the data per test function (see :class:`RefinedKroneckerSolver`).
+    curvature products over the data per test function (see :class:`RefinedSolver`).
     """
 
     solver: SolverName = "auto"
@@ -52,6 +55,7 @@ class CurvatureConfig:
     dense_max_params: int = 16384
     cg_tolerance: float = 1e-10
     cg_max_iterations: int = 1000
+    low_rank: int = 64
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -461,38 +465,101 @@ class KroneckerSolver:
         }
 
 
-class RefinedKroneckerSolver:
-    """Exact solves by EK-FAC-preconditioned conjugate gradient; EK-FAC quadratic forms.
+class LowRankSolver:
+    """``(C + λI)⁻¹`` from the top ``k`` eigenpairs of ``C``, the other directions at the penalty's ``δ``.
 
-    ``solve`` (influence on a test function, trace-back) agrees with the dense solver to the CG
-    tolerance, at one pass of curvature products over the data per iteration (44 iterations on the
-    pretrained-pool demo run, against 53 for plain CG), where the EK-FAC alone ranks influence with
-    Spearman 0.87 against the dense Hessian and 0.92 against the dense Gauss-Newton on that run (it
-    drops the image-text cross block and the non-Kronecker part of each head's block).
-    ``inverse_quadratic`` (self-influence, one per pair) stays the EK-FAC's: exact forms would cost a
-    CG solve per pair, i.e. passes over the data quadratic in ``N``.
+    ``C`` is ``δI`` plus the data's curvature, so at a minimum every eigenvalue is at least ``δ``;
+    the directions Lanczos did not resolve get exactly that floor, which overstates their inverse by
+    at most ``λ_k/δ``.  Forming it costs a few hundred curvature products (Lanczos, ``which="LA"``);
+    afterwards every solve and quadratic form is two matrix products, which is what self-influence
+    (one quadratic form per pair) needs when a solve per pair by conjugate gradient is out of reach.
     """
 
-    name = "ekfac-cg"
+    name = "lowrank"
 
-    def __init__(self, kronecker: KroneckerSolver, refined: ConjugateGradientSolver):
-        self.kronecker, self.refined = kronecker, refined
-        self.damping = kronecker.damping
+    def __init__(self, eigenvalues: Tensor, eigenvectors: Tensor, floor: float, damping: float, kind: CurvatureKind = "hessian"):
+        self.eigenvalues, self.eigenvectors = eigenvalues, eigenvectors
+        self.floor, self.damping, self.kind = float(floor), float(damping), kind
+
+    @classmethod
+    def of(
+        cls, problem: HeadsProblem, theta: Tensor, rank: int, damping: float, kind: CurvatureKind = "hessian"
+    ) -> LowRankSolver:
+        """Lanczos on the curvature of ``problem`` at ``theta`` (``rank`` eigenpairs, at most ``P − 1``)."""
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        product = curvature_product(problem, theta, kind)
+        size = theta.numel()
+        rank = max(1, min(rank, size - 2))
+
+        def matvec(vector):
+            return product(torch.as_tensor(vector.ravel(), dtype=theta.dtype)).detach().numpy()
+
+        start = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy()
+        values, vectors = eigsh(LinearOperator((size, size), matvec=matvec, dtype="float64"), k=rank, which="LA", tol=1e-4, v0=start)
+        return cls(torch.as_tensor(values, dtype=theta.dtype), torch.as_tensor(vectors, dtype=theta.dtype), problem.delta, damping, kind)
+
+    def _parts(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
+        rows = vectors.reshape(-1, self.eigenvectors.shape[0])
+        return rows, rows @ self.eigenvectors
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        rows, coordinates = self._parts(vectors)
+        inside = (coordinates / (self.eigenvalues + self.damping)) @ self.eigenvectors.T
+        outside = (rows - coordinates @ self.eigenvectors.T) / (self.floor + self.damping)
+        return (inside + outside).reshape(vectors.shape)
+
+    def inverse_quadratic(self, vectors: Tensor) -> Tensor:
+        rows, coordinates = self._parts(vectors)
+        inside = (coordinates**2 / (self.eigenvalues + self.damping)).sum(dim=1)
+        outside = ((rows * rows).sum(dim=1) - (coordinates**2).sum(dim=1)).clamp(min=0.0) / (self.floor + self.damping)
+        return (inside + outside).reshape(vectors.shape[:-1])
+
+    def describe(self) -> dict:
+        return {
+            "solver": self.name,
+            "kind": self.kind,
+            "damping": self.damping,
+            "parameters": int(self.eigenvectors.shape[0]),
+            "rank": int(self.eigenvectors.shape[1]),
+            "largest_eigenvalue": float(self.eigenvalues.max()),
+            "smallest_resolved_eigenvalue": float(self.eigenvalues.min()),
+            "floor": self.floor,
+        }
+
+
+class RefinedSolver:
+    """Exact solves by conjugate gradient preconditioned with an approximation whose quadratic forms it keeps.
+
+    ``solve`` (influence on a test function, trace-back) agrees with the dense solver to the CG
+    tolerance, at one pass of curvature products over the data per iteration (with the EK-FAC: 44
+    iterations on the pretrained-pool demo run, against 53 for plain CG, where the EK-FAC alone ranks
+    influence with Spearman 0.87 against the dense Hessian and 0.92 against the dense Gauss-Newton;
+    it drops the image-text cross block and the non-Kronecker part of each head's block).
+    ``inverse_quadratic`` (self-influence, one per pair) stays the approximation's: exact forms would
+    cost a CG solve per pair, i.e. passes over the data quadratic in ``N``.
+    """
+
+    def __init__(self, approximate: KroneckerSolver | LowRankSolver, refined: ConjugateGradientSolver):
+        self.approximate, self.refined = approximate, refined
+        self.damping = approximate.damping
+        self.name = f"{approximate.name}-cg"
 
     def solve(self, vectors: Tensor) -> Tensor:
         return self.refined.solve(vectors)
 
     def inverse_quadratic(self, vectors: Tensor) -> Tensor:
-        return self.kronecker.inverse_quadratic(vectors)
+        return self.approximate.inverse_quadratic(vectors)
 
     def describe(self) -> dict:
-        ekfac = self.kronecker.describe()
+        approximate = {f"{self.approximate.name}_{key}": value for key, value in self.approximate.describe().items() if key not in ("solver", "kind", "damping", "parameters")}
+        quadratic = "ggn (EK-FAC)" if isinstance(self.approximate, KroneckerSolver) else f"{self.approximate.kind} (rank {approximate['lowrank_rank']})"
         return {
-            "parameters": ekfac["parameters"],
+            "parameters": self.refined.size,
             "damping": self.damping,
-            "ekfac_smallest_eigenvalue": ekfac["smallest_eigenvalue"],
+            **approximate,
             "solver": self.name,
-            "kind": f"{self.refined.kind} (solves: EK-FAC-preconditioned CG); ggn (EK-FAC) for self-influence",
+            "kind": f"{self.refined.kind} (solves: {self.approximate.name.upper()}-preconditioned CG); {quadratic} for self-influence",
             "tolerance": self.refined.tolerance,
             "last_iterations": self.refined.last_iterations,
         }
@@ -501,69 +568,96 @@ class RefinedKroneckerSolver:
 def build_solver(
     problem: HeadsProblem, theta: Tensor, config: CurvatureConfig | None = None, reporter: Reporter | None = None
 ) -> CurvatureSolver:
-    """The solver that ``config`` asks for (``auto``: dense up to ``dense_max_params``, else EK-FAC)."""
+    """The solver that ``config`` asks for.
+
+    ``auto``: dense up to ``dense_max_params``; above, EK-FAC for the heads scope and ``lowrank-cg``
+    for the blocks scope (EK-FAC factorises linear heads only).
+    """
     config = config or CurvatureConfig()
     reporter = as_reporter(reporter)
     name = config.solver
+    heads = isinstance(problem.scope, HeadsScope)
     if name == "auto":
-        name = "dense" if theta.numel() <= config.dense_max_params else "ekfac"
+        name = "dense" if theta.numel() <= config.dense_max_params else ("ekfac" if heads else "lowrank-cg")
+    if name.startswith("ekfac") and not heads:
+        raise ValueError(f"EK-FAC covers the projection heads only; use solver 'lowrank-cg', 'cg' or 'dense' for the {problem.scope.kind} scope")
+
+    def conjugate_gradient(preconditioner: CurvatureSolver | None = None) -> ConjugateGradientSolver:
+        return ConjugateGradientSolver(
+            problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations, preconditioner
+        )
+
     if name == "dense":
         matrix = dense_curvature(problem, theta, config.kind, reporter)
         return DenseSolver(matrix, config.damping, config.kind)
     if name == "cg":
-        return ConjugateGradientSolver(
-            problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations
-        )
+        return conjugate_gradient()
     if name == "ekfac":
         return KroneckerSolver(problem, theta, config.damping, reporter)
     if name == "ekfac-cg":
         kronecker = KroneckerSolver(problem, theta, config.damping, reporter)
-        refined = ConjugateGradientSolver(
-            problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations, kronecker
-        )
-        return RefinedKroneckerSolver(kronecker, refined)
-    raise ValueError(f"unknown solver {name!r}; expected one of auto, dense, cg, ekfac, ekfac-cg")
+        return RefinedSolver(kronecker, conjugate_gradient(kronecker))
+    if name == "lowrank-cg":
+        reporter.report("curvature (Lanczos)", 0, 1)
+        low_rank = LowRankSolver.of(problem, theta, config.low_rank, config.damping, config.kind)
+        reporter.report("curvature (Lanczos)", 1, 1)
+        return RefinedSolver(low_rank, conjugate_gradient(low_rank))
+    raise ValueError(f"unknown solver {name!r}; expected one of auto, dense, cg, ekfac, ekfac-cg, lowrank-cg")
 
 
-def lanczos_smallest_eigenvalue(problem: HeadsProblem, theta: Tensor, kind: CurvatureKind = "hessian") -> float:
+def lanczos_smallest_eigenvalue(
+    problem: HeadsProblem, theta: Tensor, kind: CurvatureKind = "hessian", max_products: int = 800
+) -> float:
     """Smallest eigenvalue of the undamped curvature by Lanczos (for the fine-tuning report)."""
-    return smallest_eigenvalue(curvature_product(problem, theta, kind), theta.numel(), theta.dtype)
+    return smallest_eigenvalue(curvature_product(problem, theta, kind), theta.numel(), theta.dtype, max_products)
 
 
 def save_solver(solver: CurvatureSolver, path: Path, fingerprint: str) -> bool:
-    """Store a factorised solver so a new process reuses it (dense factor or EK-FAC factors).
+    """Store a factorised solver so a new process reuses it (dense factor, EK-FAC factors or eigenpairs).
 
-    ``fingerprint`` identifies the problem and settings; :func:`load_solver` refuses a mismatch.
-    Returns False for solvers with nothing worth storing (conjugate gradient).
+    A :class:`RefinedSolver` is stored as its approximation and marked refined; :func:`load_solver`
+    rebuilds the conjugate gradient around it.  ``fingerprint`` identifies the problem and settings;
+    :func:`load_solver` refuses a mismatch.  Returns False for solvers with nothing worth storing
+    (plain conjugate gradient).
     """
     from safetensors.torch import save_file
 
-    if isinstance(solver, DenseSolver):
-        tensors = {"factor": solver.factor.contiguous()}
-        extra = {"kind": solver.kind, "smallest_eigenvalue": repr(solver.smallest_eigenvalue)}
-    elif isinstance(solver, KroneckerSolver):
+    refined = isinstance(solver, RefinedSolver)
+    stored = solver.approximate if refined else solver
+    if isinstance(stored, DenseSolver):
+        tensors = {"factor": stored.factor.contiguous()}
+        extra = {"kind": stored.kind, "smallest_eigenvalue": repr(stored.smallest_eigenvalue)}
+    elif isinstance(stored, KroneckerSolver):
         tensors = {}
-        for name, (basis_a, basis_g) in solver.bases.items():
+        for name, (basis_a, basis_g) in stored.bases.items():
             tensors[f"{name}.basis_a"] = basis_a.contiguous()
             tensors[f"{name}.basis_g"] = basis_g.contiguous()
-            tensors[f"{name}.eigenvalues"] = solver.eigenvalues[name].contiguous()
+            tensors[f"{name}.eigenvalues"] = stored.eigenvalues[name].contiguous()
         extra = {
-            "delta": repr(solver.delta),
-            "scale_curvature": repr(solver.scale_curvature),
-            "smallest_eigenvalue": repr(solver.smallest_eigenvalue),
-            "scope": json.dumps(asdict(solver.scope)),
+            "delta": repr(stored.delta),
+            "scale_curvature": repr(stored.scale_curvature),
+            "smallest_eigenvalue": repr(stored.smallest_eigenvalue),
+            "scope": json.dumps(asdict(stored.scope)),
         }
+    elif isinstance(stored, LowRankSolver):
+        tensors = {"eigenvalues": stored.eigenvalues.contiguous(), "eigenvectors": stored.eigenvectors.contiguous()}
+        extra = {"kind": stored.kind, "floor": repr(stored.floor)}
     else:
         return False
-    metadata = {"solver": solver.name, "damping": repr(solver.damping), "fingerprint": fingerprint, **extra}
+    metadata = {"solver": stored.name, "damping": repr(stored.damping), "fingerprint": fingerprint, "refined": str(int(refined)), **extra}
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary), metadata=metadata)
     temporary.replace(path)
     return True
 
 
-def load_solver(path: Path, fingerprint: str) -> CurvatureSolver | None:
-    """The solver stored by :func:`save_solver`, or None when absent or made for another problem."""
+def load_solver(
+    path: Path, fingerprint: str, problem: HeadsProblem | None = None, theta: Tensor | None = None, config: CurvatureConfig | None = None
+) -> CurvatureSolver | None:
+    """The solver stored by :func:`save_solver`, or None when absent or made for another problem.
+
+    A refined solver needs ``problem``, ``theta`` and ``config`` for its conjugate gradient.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -576,13 +670,21 @@ def load_solver(path: Path, fingerprint: str) -> CurvatureSolver | None:
     tensors = load_file(str(path))
     damping = float(metadata["damping"])
     if metadata["solver"] == DenseSolver.name:
-        return DenseSolver.from_factor(tensors["factor"], damping, metadata["kind"], float(metadata["smallest_eigenvalue"]))
-    bases = {n: (tensors[f"{n}.basis_a"], tensors[f"{n}.basis_g"]) for n in ("image", "text")}
-    scale = metadata["scale_curvature"]
-    solver = KroneckerSolver.__new__(KroneckerSolver)
-    # The stored eigenvalues are already divided by N: a normaliser of 1 keeps them as they are.
-    solver._set(
-        HeadsScope(**json.loads(metadata["scope"])), bases, tensors, 1.0, float(metadata["delta"]), damping,
-        None if scale == "None" else float(scale),
-    )
+        solver = DenseSolver.from_factor(tensors["factor"], damping, metadata["kind"], float(metadata["smallest_eigenvalue"]))
+    elif metadata["solver"] == LowRankSolver.name:
+        solver = LowRankSolver(tensors["eigenvalues"], tensors["eigenvectors"], float(metadata["floor"]), damping, metadata["kind"])
+    else:
+        bases = {n: (tensors[f"{n}.basis_a"], tensors[f"{n}.basis_g"]) for n in ("image", "text")}
+        scale = metadata["scale_curvature"]
+        solver = KroneckerSolver.__new__(KroneckerSolver)
+        # The stored eigenvalues are already divided by N: a normaliser of 1 keeps them as they are.
+        solver._set(
+            HeadsScope(**json.loads(metadata["scope"])), bases, tensors, 1.0, float(metadata["delta"]), damping,
+            None if scale == "None" else float(scale),
+        )
+    if metadata.get("refined") == "1":
+        if problem is None or theta is None or config is None:
+            raise ValueError(f"{path} holds a refined solver: pass the problem, theta and config to rebuild its conjugate gradient")
+        refined = ConjugateGradientSolver(problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations, solver)
+        return RefinedSolver(solver, refined)
     return solver

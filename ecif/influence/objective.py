@@ -4,7 +4,10 @@ Notation (shapes in brackets, N pairs, d/d' backbone widths, e embedding width):
 
 - ``image [N, d]``, ``text [N, d']``: cached backbone features (pre-projection), float64.
 - ``theta [P]``: the influence scope, a flat vector; :class:`HeadsScope` splits it into
-  ``W_image [d, e]``, ``W_text [d', e]`` and the log logit scale ``ℓ``.
+  ``W_image [d, e]``, ``W_text [d', e]`` and the log logit scale ``ℓ``.  The wider
+  :class:`ecif.influence.blocks.BlocksScope` also holds the last transformer block(s); its features
+  are those blocks' token inputs.  Every function here sees a scope only through
+  ``project_image``/``project_text``/``log_scale``, so it works for both.
 - ``u = normalize(image @ W_image)``, ``v = normalize(text @ W_text)``, ``s_ij = exp(ℓ) u_i·v_j``.
 - Per reference batch ``m``: ``a_i = −s_ii + logsumexp_j s_ij`` (image→text),
   ``b_i = −s_ii + logsumexp_j s_ji`` (text→image).
@@ -19,11 +22,15 @@ or to first order ``Σ_{k≠n} (P_kn + Q_kn)``.  Everything here is differentiab
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ecif.influence.blocks import BlocksScope
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,43 @@ class HeadsScope:
 
     def with_logit_scale(self, log_scale: float) -> HeadsScope:
         return HeadsScope(self.image_dim, self.text_dim, self.embed_dim, float(log_scale), self.learn_logit_scale)
+
+    kind: ClassVar[str] = "heads"
+
+    def project_image(self, theta: Tensor, image: Tensor) -> Tensor:
+        """Unnormalised image embeddings ``image @ W_image`` ``[..., e]``."""
+        return image @ self.split(theta)[0]
+
+    def project_text(self, theta: Tensor, text: Tensor) -> Tensor:
+        """Unnormalised text embeddings ``text @ W_text`` ``[..., e]``."""
+        return text @ self.split(theta)[1]
+
+    def log_scale(self, theta: Tensor) -> Tensor:
+        return self.split(theta)[2]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> HeadsScope:
+        return cls(
+            int(settings["image_dim"]),
+            int(settings["text_dim"]),
+            int(settings["embed_dim"]),
+            float(settings["log_logit_scale"]),
+            bool(int(settings["learn_logit_scale"])),
+        )
+
+
+def scope_from_dict(settings: dict) -> Scope:
+    """A scope from its :meth:`to_dict` (records without ``kind`` are heads scopes)."""
+    from ecif.influence.blocks import BlocksScope
+
+    return BlocksScope.from_dict(settings) if settings.get("kind") == "blocks" else HeadsScope.from_dict(settings)
+
+
+Scope = Union[HeadsScope, "BlocksScope"]
+"""An influence scope: ``project_image``, ``project_text``, ``log_scale``, ``size``, ``to_dict``."""
 
 
 def reference_batches(n_pairs: int, batch_size: int, seed: int = 0) -> list[Tensor]:
@@ -174,15 +218,14 @@ class ContrastiveData:
         return edited, kept
 
 
-def embed(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def embed(scope: Scope, theta: Tensor, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Unit embeddings ``u [n, e]``, ``v [n, e]`` and the logit scale ``exp(ℓ)``."""
-    w_image, w_text, log_scale = scope.split(theta)
-    u = torch.nn.functional.normalize(image @ w_image, dim=-1)
-    v = torch.nn.functional.normalize(text @ w_text, dim=-1)
-    return u, v, log_scale.exp()
+    u = torch.nn.functional.normalize(scope.project_image(theta, image), dim=-1)
+    v = torch.nn.functional.normalize(scope.project_text(theta, text), dim=-1)
+    return u, v, scope.log_scale(theta).exp()
 
 
-def batch_logits(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
+def batch_logits(scope: Scope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
     """``S [..., B, B]`` with ``S[i, j] = exp(ℓ) u_i·v_j`` for one batch or a stack of batches."""
     u, v, scale = embed(scope, theta, image, text)
     return scale * (u @ v.transpose(-1, -2))
@@ -233,20 +276,20 @@ def batch_pair_terms(logits: Tensor, mask: Tensor | None = None) -> tuple[Tensor
     )
 
 
-def chunk_logits(scope: HeadsScope, theta: Tensor, data: ContrastiveData, chunk: slice) -> tuple[Tensor, Tensor]:
+def chunk_logits(scope: Scope, theta: Tensor, data: ContrastiveData, chunk: slice) -> tuple[Tensor, Tensor]:
     """Unmasked logits ``[m, B, B]`` of a chunk of batches and its padding mask ``[m, B]``."""
     index, mask = data.batch_index[chunk], data.batch_mask[chunk]
     return batch_logits(scope, theta, data.image[index], data.text[index]), mask
 
 
-def pair_terms(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> dict[str, Tensor]:
+def pair_terms(scope: Scope, theta: Tensor, data: ContrastiveData) -> dict[str, Tensor]:
     """``{"pos", "neg", "neg_first_order"}``, each ``[N]`` in row order (unnormalised, no ``1/N``)."""
     parts = [batch_pair_terms(*chunk_logits(scope, theta, data, chunk)) for chunk in data.chunks()]
     names = ("pos", "neg", "neg_first_order")
     return {name: data.to_row_order(torch.cat([p[i] for p in parts])) for i, name in enumerate(names)}
 
 
-def contrastive_sum(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> Tensor:
+def contrastive_sum(scope: Scope, theta: Tensor, data: ContrastiveData) -> Tensor:
     """``Σ_i (a_i + b_i)`` over all batches (scalar)."""
     total = theta.new_zeros(())
     for chunk in data.chunks():
@@ -256,38 +299,37 @@ def contrastive_sum(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> 
     return total
 
 
-def contrastive_loss(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> Tensor:
+def contrastive_loss(scope: Scope, theta: Tensor, data: ContrastiveData) -> Tensor:
     """Mean contrastive loss ``(1/N) Σ (a_i + b_i)`` (image→text plus text→image, in nats)."""
     return contrastive_sum(scope, theta, data) / data.normaliser
 
 
-def objective(scope: HeadsScope, theta: Tensor, data: ContrastiveData, theta0: Tensor, delta: float) -> Tensor:
+def objective(scope: Scope, theta: Tensor, data: ContrastiveData, theta0: Tensor, delta: float) -> Tensor:
     """``R(θ) = (1/N) Σ (a_i + b_i) + (δ/2)‖θ − θ₀‖²`` (ECIF_METHOD §1)."""
     return contrastive_loss(scope, theta, data) + 0.5 * delta * torch.sum((theta - theta0) ** 2)
 
 
-def pair_losses(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> Tensor:
+def pair_losses(scope: Scope, theta: Tensor, data: ContrastiveData) -> Tensor:
     """Each pair's own loss ``a_i + b_i`` ``[N]`` (the cheap 'loss' baseline)."""
     return pair_terms(scope, theta, data)["pos"]
 
 
-def clip_scores(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
+def clip_scores(scope: Scope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
     """Cosine ``u_i·v_i`` of each pair under the heads ``[N]`` (the 'CLIP-score' baseline)."""
     u, v, _ = embed(scope, theta, image, text)
     return (u * v).sum(dim=-1)
 
 
-def prenormalisation_norms(scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
+def prenormalisation_norms(scope: Scope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
     """Smallest ``‖h W‖`` per pair over both modalities ``[N]``: where ``normalize`` becomes singular."""
-    w_image, w_text, _ = scope.split(theta)
-    return torch.minimum((image @ w_image).norm(dim=-1), (text @ w_text).norm(dim=-1))
+    return torch.minimum(scope.project_image(theta, image).norm(dim=-1), scope.project_text(theta, text).norm(dim=-1))
 
 
 @dataclass
 class HeadsProblem:
     """Everything that defines ``R(θ)``: scope, training data with its batching, ``θ₀`` and ``δ``."""
 
-    scope: HeadsScope
+    scope: Scope
     data: ContrastiveData
     theta0: Tensor
     delta: float

@@ -378,6 +378,8 @@ def score_store(
     config = config or StreamingConfig()
     executor = executor or LocalExecutor()
     reporter = as_reporter(reporter)
+    if not isinstance(scope, HeadsScope):
+        raise ValueError("streamed scoring covers the projection heads only; score the blocks scope with `ecif score --blocks`")
     if scope.learn_logit_scale:
         raise ValueError("streamed scoring covers the two projection heads; fix the logit scale")
     out_dir = Path(out_dir)

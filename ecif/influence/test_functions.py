@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ecif.influence.objective import ContrastiveData, HeadsScope, contrastive_loss, embed
+from ecif.influence.objective import ContrastiveData, Scope, contrastive_loss, embed
 
 TestFunction = Callable[[Tensor], Tensor]
 
@@ -36,24 +36,22 @@ class ZeroShotPrompts:
         )
 
 
-def class_embeddings(scope: HeadsScope, theta: Tensor, prompts: ZeroShotPrompts) -> Tensor:
+def class_embeddings(scope: Scope, theta: Tensor, prompts: ZeroShotPrompts) -> Tensor:
     """Unit class embeddings ``[C, e]`` (mean of unit prompt embeddings, renormalised)."""
-    _, w_text, _ = scope.split(theta)
-    prompt_embeddings = torch.nn.functional.normalize(prompts.features @ w_text, dim=-1)
+    prompt_embeddings = torch.nn.functional.normalize(scope.project_text(theta, prompts.features), dim=-1)
     n_classes = len(prompts.names)
     membership = torch.nn.functional.one_hot(prompts.class_index, n_classes).to(theta.dtype).T  # [C, K]
     means = membership @ prompt_embeddings / membership.sum(dim=1, keepdim=True).clamp(min=1.0)
     return torch.nn.functional.normalize(means, dim=-1)
 
 
-def zero_shot_logits(scope: HeadsScope, theta: Tensor, image: Tensor, prompts: ZeroShotPrompts) -> Tensor:
+def zero_shot_logits(scope: Scope, theta: Tensor, image: Tensor, prompts: ZeroShotPrompts) -> Tensor:
     """``[k, C]`` logits ``exp(ℓ) u·w_c`` of images ``image [k, d]`` against the classes."""
-    w_image, _, log_scale = scope.split(theta)
-    u = torch.nn.functional.normalize(image @ w_image, dim=-1)
-    return log_scale.exp() * (u @ class_embeddings(scope, theta, prompts).T)
+    u = torch.nn.functional.normalize(scope.project_image(theta, image), dim=-1)
+    return scope.log_scale(theta).exp() * (u @ class_embeddings(scope, theta, prompts).T)
 
 
-def zero_shot_loss(scope: HeadsScope, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> TestFunction:
+def zero_shot_loss(scope: Scope, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> TestFunction:
     """``φ(θ)`` = mean zero-shot cross-entropy of ``image [k, d]`` with true classes ``labels [k]`` (nats)."""
 
     def function(theta: Tensor) -> Tensor:
@@ -62,7 +60,7 @@ def zero_shot_loss(scope: HeadsScope, image: Tensor, labels: Tensor, prompts: Ze
     return function
 
 
-def validation_loss(scope: HeadsScope, data: ContrastiveData) -> TestFunction:
+def validation_loss(scope: Scope, data: ContrastiveData) -> TestFunction:
     """``φ(θ)`` = mean contrastive loss of a trusted set with its own reference batching (nats)."""
 
     def function(theta: Tensor) -> Tensor:
@@ -71,7 +69,7 @@ def validation_loss(scope: HeadsScope, data: ContrastiveData) -> TestFunction:
     return function
 
 
-def retrieval_accuracy(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> float:
+def retrieval_accuracy(scope: Scope, theta: Tensor, data: ContrastiveData) -> float:
     """Fraction of images whose own caption is the best match inside their reference batch."""
     correct = 0
     with torch.no_grad():
@@ -81,7 +79,7 @@ def retrieval_accuracy(scope: HeadsScope, theta: Tensor, data: ContrastiveData) 
     return correct / max(1, data.n_pairs)
 
 
-def zero_shot_accuracy(scope: HeadsScope, theta: Tensor, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> float:
+def zero_shot_accuracy(scope: Scope, theta: Tensor, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> float:
     with torch.no_grad():
         predicted = zero_shot_logits(scope, theta, image, prompts).argmax(dim=1)
     return float((predicted == labels).double().mean()) if labels.numel() else float("nan")

@@ -5,6 +5,10 @@ features taken *before* them: ``h_img`` (the ViT's pooled, layer-normed output) 
 text transformer's pooled output). With ``W_image = visual.proj`` and ``W_text = text_projection``
 the model's embeddings are exactly ``normalize(h_img @ W_image)`` and ``normalize(h_txt @ W_text)``.
 
+With ``blocks = k > 0`` (the wider influence scope of :mod:`ecif.influence.blocks`) the features
+are instead each row's input to the last ``k`` transformer blocks, every token, with a pooling-weight
+channel: ``[T, w + 1]`` per row (see :mod:`ecif.models.blocks`).
+
 Features are cached on disk in shards, keyed by the model weights and the rows' content, so a
 second run is instant and an interrupted one resumes after the last finished shard.
 :func:`compute_features` takes a whole frame; :func:`iter_chunk_features` takes a stream of chunks
@@ -51,7 +55,8 @@ class UnsupportedModelError(ModelLoadError):
 class Features:
     """Pre-projection backbone features of a manifest's rows, in row order.
 
-    ``image``: float32 [N, d_img]; ``text``: float32 [N, d_txt] (of each row's caption).
+    ``image``: float32 [N, d_img]; ``text``: float32 [N, d_txt] (of each row's caption); with
+    ``blocks > 0``, block inputs ``[N, T, w + 1]`` and ``[N, T', w' + 1]`` instead.
     ``failed``: row position -> reason, for images that could not be read when the features were
     computed; their ``image`` row is all zeros and must not be used.
     """
@@ -141,14 +146,28 @@ def load_images(paths: Sequence[str], preprocess: Preprocess) -> tuple[torch.Ten
     return torch.stack(tensors), failed
 
 
-def encode_images(loaded: LoadedModel, images: torch.Tensor) -> np.ndarray:
-    """Pre-projection image features, float32 [n, d_img], of preprocessed images [n, 3, H, W]."""
+def encode_images(loaded: LoadedModel, images: torch.Tensor, blocks: int = 0) -> np.ndarray:
+    """Pre-projection image features, float32 [n, d_img], of preprocessed images [n, 3, H, W].
+
+    ``blocks > 0``: the inputs of the last ``blocks`` transformer blocks instead, ``[n, T, w + 1]``.
+    """
+    if blocks:
+        from ecif.models.blocks import encode_image_blocks
+
+        return encode_image_blocks(loaded, images, blocks)
     with torch.inference_mode(), _backbone_only(loaded.model):
         return loaded.model.encode_image(images.to(loaded.device)).float().cpu().numpy()
 
 
-def encode_captions(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """Pre-projection text features, float32 [k, d_txt], of ``captions`` (any text, e.g. prompts)."""
+def encode_captions(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256, blocks: int = 0) -> np.ndarray:
+    """Pre-projection text features, float32 [k, d_txt], of ``captions`` (any text, e.g. prompts).
+
+    ``blocks > 0``: the inputs of the last ``blocks`` transformer blocks instead, ``[k, T, w' + 1]``.
+    """
+    if blocks:
+        from ecif.models.blocks import encode_caption_blocks
+
+        return encode_caption_blocks(loaded, captions, blocks, batch_size)
     chunks = []
     with torch.inference_mode(), _backbone_only(loaded.model):
         for start in range(0, len(captions), batch_size):
@@ -159,7 +178,9 @@ def encode_captions(loaded: LoadedModel, captions: Sequence[str], batch_size: in
     return np.concatenate(chunks)
 
 
-def encode_prompts(loaded: LoadedModel, names: Sequence[str], prompts: Mapping[str, Sequence[str]]) -> PromptFeatures:
+def encode_prompts(
+    loaded: LoadedModel, names: Sequence[str], prompts: Mapping[str, Sequence[str]], blocks: int = 0
+) -> PromptFeatures:
     """Pre-projection features of every prompt of every class (``ZeroShotClasses.names/.prompts``)."""
     texts, class_index = [], []
     for position, name in enumerate(names):
@@ -167,7 +188,7 @@ def encode_prompts(loaded: LoadedModel, names: Sequence[str], prompts: Mapping[s
         texts.extend(class_prompts)
         class_index.extend([position] * len(class_prompts))
     return PromptFeatures(
-        features=encode_captions(loaded, texts),
+        features=encode_captions(loaded, texts, blocks=blocks),
         class_index=np.asarray(class_index, dtype=np.int64),
         names=list(names),
     )
@@ -178,15 +199,18 @@ def compute_features(
     frame: pd.DataFrame,
     reporter: Reporter | None = None,
     batch_size: int = 64,
+    blocks: int = 0,
 ) -> Features:
     """Pre-projection features of every row of ``frame`` (columns ``filepath``, ``caption``).
+
+    ``blocks > 0``: the inputs of the last ``blocks`` transformer blocks instead (cached apart).
 
     Cached under ``cache_dir()/features/<model_hash>/<content hash>/`` in shards of
     :data:`SHARD_ROWS` rows; finished shards are reused, so a cancelled or killed run resumes
     where it stopped. Progress is reported as rows done under the stage "features".
     """
     reporter = as_reporter(reporter)
-    directory = features_cache_dir(loaded, frame)
+    directory = features_cache_dir(loaded, frame, blocks)
     paths = frame["filepath"].astype(str).tolist()
     captions = frame["caption"].astype(str).tolist()
     total = len(frame)
@@ -196,7 +220,7 @@ def compute_features(
         shard_stop = min(shard_start + SHARD_ROWS, total)
         shard_file = directory / f"shard_{shard_start // SHARD_ROWS:05d}.npz"
         if not shard_file.exists():
-            _write_shard(loaded, paths, captions, shard_start, shard_stop, batch_size, shard_file, reporter)
+            _write_shard(loaded, paths, captions, shard_start, shard_stop, batch_size, shard_file, reporter, blocks=blocks)
         shard = _read_shard(shard_file)
         image_parts.append(shard.image)
         text_parts.append(shard.text)
@@ -260,14 +284,14 @@ def drop_failed(frame: pd.DataFrame, features: Features) -> tuple[pd.DataFrame, 
     return frame.iloc[keep].reset_index(drop=True), kept, bad
 
 
-def features_cache_dir(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
+def features_cache_dir(loaded: LoadedModel, frame: pd.DataFrame, blocks: int = 0) -> Path:
     """Where :func:`compute_features` keeps the shards for this model and these rows.
 
     The key covers each image's path, size and modification time, each caption, and the
     preprocessing, so editing any of them recomputes instead of serving stale features.
     """
     key = text_sha256(repr(loaded.preprocess), str(SHARD_ROWS), *row_signatures(frame))
-    return cache_dir() / "features" / loaded.model_hash / key[:32]
+    return cache_dir() / "features" / loaded.model_hash / (key[:32] if not blocks else f"{key[:32]}-blocks{blocks}")
 
 
 def chunk_features_file(loaded: LoadedModel, frame: pd.DataFrame) -> Path:
@@ -297,6 +321,7 @@ def _write_shard(
     reporter: Reporter,
     done_before: int = 0,
     total: int | None = None,
+    blocks: int = 0,
 ) -> None:
     """Compute rows ``start:stop`` batch by batch and store them as one npz file.
 
@@ -311,7 +336,7 @@ def _write_shard(
             reporter.report(FEATURES_STAGE, done_before + batch_start, total)
         batch_stop = min(batch_start + batch_size, stop)
         pixels, batch_failed = load_images(paths[batch_start:batch_stop], loaded.preprocess)
-        images.append(encode_images(loaded, pixels))
+        images.append(encode_images(loaded, pixels, blocks))
         failed.update({batch_start - start + k: reason for k, reason in batch_failed.items()})
     image = np.concatenate(images)
     image[list(failed)] = 0.0  # their zero pixels were encoded too; such a row must not look like data
@@ -319,7 +344,7 @@ def _write_shard(
     np.savez(
         buffer,
         image=image,
-        text=encode_captions(loaded, captions[start:stop]),
+        text=encode_captions(loaded, captions[start:stop], blocks=blocks),
         failed_rows=np.asarray(list(failed), dtype=np.int64),
         failed_reasons=np.asarray(list(failed.values()), dtype=str),
     )

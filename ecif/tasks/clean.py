@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ecif.influence.scores import newton_edit, predicted_step, reduced_problem
 from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy
-from ecif.models.heads import finetune_heads
+from ecif.models.heads import finetune_heads, write_scope
 from ecif.run import Run, atomic_write_json
 from ecif.tasks.engine import Engine, load_engine, split_rows
 
@@ -86,7 +86,7 @@ def _edit_inputs(engine: Engine, drop_rows, relabel: dict[int, str] | None) -> t
         from ecif.models.features import encode_captions
         from ecif.tasks.pipeline import load_run_model
 
-        features = encode_captions(load_run_model(engine.run), list(relabel.values()))
+        features = encode_captions(load_run_model(engine.run), list(relabel.values()), blocks=engine.finetune.blocks)
         positions = engine.problem_index(list(relabel))
         new_text = {int(p): torch.as_tensor(f, dtype=torch.float64) for p, f in zip(positions, features)}
     return drop, new_text
@@ -116,13 +116,11 @@ def predict_edit(
 
 
 def _write_checkpoint(engine: Engine, theta: Tensor, result: EditResult) -> Path:
-    from ecif.models.features import set_heads
     from ecif.models.open_clip_models import save_checkpoint
     from ecif.tasks.pipeline import load_run_model
 
     loaded = load_run_model(engine.run)
-    w_image, w_text, log_scale = engine.scope.split(theta)
-    set_heads(loaded.model, w_image.numpy(), w_text.numpy(), float(log_scale))
+    write_scope(loaded.model, engine.scope, theta)
     directory = engine.run.path(EDITED_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(loaded.model, directory / EDITED_CHECKPOINT)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ecif.curvature.solvers import CurvatureConfig, CurvatureSolver, build_solver, load_solver, save_solver
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope
+from ecif.influence.objective import ContrastiveData, HeadsProblem, Scope, scope_from_dict
 from ecif.influence.test_functions import ZeroShotPrompts, validation_loss
 from ecif.models.heads import FinetuneConfig
 from ecif.paths import text_sha256
@@ -31,34 +31,24 @@ PROMPTS_FILE = "prompts.npz"
 CURVATURE_FILE = "curvature.safetensors"
 
 
-def save_heads(path: Path, scope: HeadsScope, theta: Tensor, theta0: Tensor) -> None:
-    """``θ̂`` and ``θ₀`` with the scope's shape in the safetensors metadata."""
-    metadata = {
-        "image_dim": str(scope.image_dim),
-        "text_dim": str(scope.text_dim),
-        "embed_dim": str(scope.embed_dim),
-        "log_logit_scale": repr(scope.log_logit_scale),
-        "learn_logit_scale": str(int(scope.learn_logit_scale)),
-    }
+def save_heads(path: Path, scope: Scope, theta: Tensor, theta0: Tensor) -> None:
+    """``θ̂`` and ``θ₀`` with the scope (kind and shape) in the safetensors metadata."""
+    metadata = {"scope": json.dumps(scope.to_dict(), sort_keys=True)}
     temporary = path.with_name(f".{path.name}.tmp")
     save_file({"theta": theta.contiguous(), "theta0": theta0.contiguous()}, str(temporary), metadata=metadata)
     temporary.replace(path)
 
 
-def load_heads(path: Path) -> tuple[HeadsScope, Tensor, Tensor]:
+def load_heads(path: Path) -> tuple[Scope, Tensor, Tensor]:
+    """``(scope, θ̂, θ₀)`` as :func:`save_heads` stored them."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = load_file(str(path))
-    scope = HeadsScope(
-        int(metadata["image_dim"]),
-        int(metadata["text_dim"]),
-        int(metadata["embed_dim"]),
-        float(metadata["log_logit_scale"]),
-        bool(int(metadata["learn_logit_scale"])),
-    )
-    return scope, tensors["theta"], tensors["theta0"]
+    # Files written before the blocks scope existed carry the heads' shape as separate entries.
+    settings = json.loads(metadata["scope"]) if "scope" in metadata else metadata
+    return scope_from_dict(settings), tensors["theta"], tensors["theta0"]
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> np.ndarray:
@@ -71,7 +61,7 @@ class Engine:
     """A scored run's maths objects.  Rows of ``problem`` are ``train_rows`` of the manifest."""
 
     run: Run
-    scope: HeadsScope
+    scope: Scope
     theta: Tensor
     theta0: Tensor
     manifest: pd.DataFrame
@@ -83,6 +73,8 @@ class Engine:
     finetune: FinetuneConfig
     curvature: CurvatureConfig
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)
+    """Results that depend only on this engine's θ̂ and data (trace-back's per-item influence, step norms)."""
 
     @cached_property
     def problem(self) -> HeadsProblem:
@@ -115,7 +107,7 @@ class Engine:
         with self._lock:
             if "_solver" not in self.__dict__:
                 path = self.run.path(CURVATURE_FILE)
-                solver = load_solver(path, self.curvature_fingerprint)
+                solver = load_solver(path, self.curvature_fingerprint, self.problem, self.theta, self.curvature)
                 if solver is None:
                     solver = build_solver(self.problem, self.theta, self.curvature)
                     save_solver(solver, path, self.curvature_fingerprint)

@@ -30,6 +30,7 @@ INFLUENCE_COLUMNS = (
 )
 BASELINE_COLUMNS = ("clip_score", "loss")
 CARRIED_COLUMNS = ("uid", "filepath", "caption", "split", "label")
+EMBEDDING_CHUNK_ROWS = 4096
 
 
 def influence_table(engine: Engine, influence: PairInfluence) -> pd.DataFrame:
@@ -102,14 +103,20 @@ def score_training_pairs(
 def write_embeddings(run: Run | str) -> None:
     """Fine-tuned unit embeddings of every manifest row (for nearest neighbours and the 2-D map)."""
     engine = load_engine(run)
+    image, text = [], []
+    # In chunks: for the blocks scope each row is a whole token sequence through a transformer block.
     with torch.no_grad():
-        u, v, _ = embed(
-            engine.scope,
-            engine.theta,
-            torch.as_tensor(engine.image, dtype=torch.float64),
-            torch.as_tensor(engine.text, dtype=torch.float64),
-        )
+        for start in range(0, len(engine.image), EMBEDDING_CHUNK_ROWS):
+            rows = slice(start, start + EMBEDDING_CHUNK_ROWS)
+            u, v, _ = embed(
+                engine.scope,
+                engine.theta,
+                torch.as_tensor(engine.image[rows], dtype=torch.float64),
+                torch.as_tensor(engine.text[rows], dtype=torch.float64),
+            )
+            image.append(u.numpy().astype(np.float32))
+            text.append(v.numpy().astype(np.float32))
     path = engine.run.path(EMBEDDINGS_FILE)
     temporary = path.with_name(".embeddings.tmp.npz")
-    np.savez(temporary, image=u.numpy().astype(np.float32), text=v.numpy().astype(np.float32))
+    np.savez(temporary, image=np.concatenate(image), text=np.concatenate(text))
     temporary.replace(path)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ecif.curvature.solvers import CurvatureConfig
 from ecif.paths import cache_dir, text_sha256
@@ -27,7 +26,6 @@ from ecif.progress import Reporter, as_reporter
 from ecif.run import (
     BAD_ROWS_FILE,
     CLASSES_FILE,
-    EMBEDDINGS_FILE,
     FEATURES_FILE,
     FINETUNE_FILE,
     HEADS_FILE,
@@ -249,7 +247,7 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         loaded = load_model(name, checkpoint=checkpoint, pretrained=config.pretrained)
         run.update_info(model_name=name, model_checkpoint=str(checkpoint) if checkpoint else None, model_hash=loaded.model_hash)
         manifest = run.manifest()
-        features = compute_features(loaded, manifest, reporter=reporter)
+        features = compute_features(loaded, manifest, reporter=reporter, blocks=config.finetune.blocks)
         unreadable = len(features.failed)
         if unreadable:
             manifest, features, failed = drop_failed(manifest, features)
@@ -261,22 +259,20 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
             from ecif.tasks.engine import PROMPTS_FILE
 
             classes = ZeroShotClasses.load(run.path(CLASSES_FILE))
-            prompts = encode_prompts(loaded, classes.names, classes.prompts)
+            prompts = encode_prompts(loaded, classes.names, classes.prompts, blocks=config.finetune.blocks)
             np.savez(run.path(PROMPTS_FILE), features=prompts.features, class_index=prompts.class_index, names=np.asarray(prompts.names))
-        return {"image_dim": int(features.image.shape[1]), "text_dim": int(features.text.shape[1]), "unreadable": unreadable}
+        # Widths of the features (for the blocks scope: of the block inputs, without the pooling channel).
+        image_dim, text_dim = (int(f.shape[-1]) - int(f.ndim == 3) for f in (features.image, features.text))
+        return {"image_dim": image_dim, "text_dim": text_dim, "unreadable": unreadable}
 
     def finetune_stage() -> dict:
-        from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope
-        from ecif.models.features import get_heads
-        from ecif.models.heads import finetune_heads
+        from ecif.influence.objective import ContrastiveData, HeadsProblem
+        from ecif.models.heads import finetune_heads, initial_scope
         from ecif.tasks.engine import save_heads, split_rows
 
         name, checkpoint = _model_location(config, run)
-        heads = get_heads(load_model(name, checkpoint=checkpoint, pretrained=config.pretrained).model)
-        scope = HeadsScope(
-            heads.image.shape[0], heads.text.shape[0], heads.image.shape[1], heads.log_logit_scale, config.finetune.learn_logit_scale
-        )
-        theta0 = scope.join(torch.as_tensor(heads.image), torch.as_tensor(heads.text), heads.log_logit_scale)
+        model = load_model(name, checkpoint=checkpoint, pretrained=config.pretrained).model
+        scope, theta0 = initial_scope(model, config.finetune.blocks, config.finetune.learn_logit_scale)
         with np.load(run.path(FEATURES_FILE)) as stored:
             image, text = stored["image"], stored["text"]
         rows = split_rows(run.manifest(), "train")

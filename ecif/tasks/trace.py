@@ -17,17 +17,21 @@ part alone: the pairs whose own caption drives the item to its answer, the ones 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ecif.influence.scores import euclidean_step_norms, influence_on, relative_influence, gradient_of
+from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_of, influence_on, relative_influence
 from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
 from ecif.run import Run
 from ecif.tasks.engine import Engine, load_engine, split_rows
 from ecif.tasks.evaluate import influence_table
+
+
+RankBy = Literal["total", "positive"]
+StepNorm = Literal["hessian", "euclidean"]
 
 
 def _class_index(engine: Engine, labels: pd.Series) -> np.ndarray:
@@ -80,8 +84,8 @@ def trace(
     uid: str,
     top_k: int = 20,
     relative: bool = True,
-    norm: Literal["hessian", "euclidean"] = "hessian",
-    rank_by: Literal["total", "positive"] = "total",
+    norm: StepNorm = "hessian",
+    rank_by: RankBy = "total",
 ) -> pd.DataFrame:
     """Culprits and supporters of one labelled item's zero-shot loss.
 
@@ -97,10 +101,9 @@ def trace(
     norm when relative) instead of the total, leaving out pairs that act on the item only as
     negatives; a culprit is then negative in ``influence_pos``, not necessarily in ``influence``.
     """
-    if rank_by not in ("total", "positive"):
-        raise ValueError(f"rank_by must be 'total' or 'positive', got {rank_by!r}")
-    if norm not in ("hessian", "euclidean"):
-        raise ValueError(f"norm must be 'hessian' or 'euclidean', got {norm!r}")
+    for name, value, allowed in (("rank_by", rank_by, get_args(RankBy)), ("norm", norm, get_args(StepNorm))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     engine = load_engine(run)
@@ -111,13 +114,8 @@ def trace(
     label = _class_index(engine, engine.manifest.iloc[[row]]["label"])[0]
     if label < 0:
         raise ValueError(f"item {uid!r} has no label among the zero-shot classes; trace needs a true class")
-    function = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray([row])), torch.tensor([label]), engine.prompts)
-    influence = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(function, engine.theta))
-    table = influence_table(engine, influence)
-    if norm == "hessian":
-        step_norms = np.sqrt(np.maximum(_self_influence(engine) / engine.problem.data.normaliser, 0.0))
-    else:
-        step_norms = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
+    table = influence_table(engine, _item_influence(engine, row, label))
+    step_norms = _step_norms(engine, norm)
     table["relative_influence"] = relative_influence(table["influence"].to_numpy(), step_norms)
     table["main_role"] = np.where(table["influence_pos"].abs() >= table["influence_neg"].abs(), "positive", "negative")
     part = table["influence" if rank_by == "total" else "influence_pos"].to_numpy()
@@ -128,6 +126,35 @@ def trace(
     manifest_columns = [c for c in engine.manifest.columns if c not in result.columns and c != "source_row"]
     details = engine.manifest.loc[result["row"], manifest_columns].reset_index(drop=True)
     return pd.concat([result, details], axis=1)
+
+
+#: Items whose influence tables an engine keeps: switching a trace's ranking or norm, or coming back
+#: to an item, costs no new solve (one solve per test function; a few seconds, more for the blocks scope).
+ITEM_CACHE_SIZE = 64
+
+
+def _item_influence(engine: Engine, row: int, label: int) -> PairInfluence:
+    """Every training pair's influence on one item's zero-shot loss, cached on the engine."""
+    key = ("item", row, label)
+    cache = engine.cache
+    if key not in cache:
+        function = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray([row])), torch.tensor([label]), engine.prompts)
+        cache[key] = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(function, engine.theta))
+        items = [name for name in cache if name[0] == "item"]
+        for stale in items[: max(0, len(items) - ITEM_CACHE_SIZE)]:
+            cache.pop(stale, None)
+    return cache[key]
+
+
+def _step_norms(engine: Engine, norm: StepNorm) -> np.ndarray:
+    """``‖Δθ_n‖`` per training pair in the chosen norm (the same for every item: cached on the engine)."""
+    key = ("step norms", norm)
+    if key not in engine.cache:
+        if norm == "hessian":
+            engine.cache[key] = np.sqrt(np.maximum(_self_influence(engine) / engine.problem.data.normaliser, 0.0))
+        else:
+            engine.cache[key] = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
+    return engine.cache[key]
 
 
 def _self_influence(engine: Engine) -> np.ndarray:
