@@ -126,6 +126,9 @@ def reference_batches(n_pairs: int, batch_size: int, seed: int = 0) -> list[Tens
     return [torch.as_tensor(np.sort(part), dtype=torch.long) for part in np.array_split(order, n_batches)]
 
 
+TOKEN_CHUNK_PAIRS = 512
+
+
 @dataclass
 class ContrastiveData:
     """Cached backbone features of a set of pairs, with their fixed reference batching.
@@ -175,9 +178,15 @@ class ContrastiveData:
     def from_arrays(
         cls, image: np.ndarray | Tensor, text: np.ndarray | Tensor, batch_size: int, seed: int = 0
     ) -> ContrastiveData:
+        """Float64 data with the reference batching of ``batch_size`` drawn with ``seed``.
+
+        Rows that are token sequences (the blocks scope's ``[N, T, w + 1]``) are evaluated
+        :data:`TOKEN_CHUNK_PAIRS` pairs at a time: each carries a transformer block's activations.
+        """
         image_t = torch.as_tensor(np.asarray(image), dtype=torch.float64)
         text_t = torch.as_tensor(np.asarray(text), dtype=torch.float64)
-        return cls(image_t, text_t, reference_batches(image_t.shape[0], batch_size, seed))
+        chunk_pairs = TOKEN_CHUNK_PAIRS if image_t.ndim == 3 else cls.chunk_pairs
+        return cls(image_t, text_t, reference_batches(image_t.shape[0], batch_size, seed), chunk_pairs=chunk_pairs)
 
     def chunks(self) -> list[slice]:
         """Slices of whole batches, each covering about ``chunk_pairs`` pairs."""

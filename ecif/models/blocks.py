@@ -78,6 +78,8 @@ def _text_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
     text = model.text
     if getattr(text, "cls_emb", None) is not None:
         raise UnsupportedModelError("text towers with an appended class token (CoCa) are not supported in the blocks scope")
+    if getattr(text, "use_pad_mask", False):
+        raise UnsupportedModelError("text towers that mask padding tokens are not supported in the blocks scope")
     return text.transformer, text.ln_final, text.attn_mask, text.pool_type, getattr(text, "eos_id", None)
 
 
@@ -141,7 +143,7 @@ def encode_image_blocks(loaded: LoadedModel, images: torch.Tensor, blocks: int) 
     tower = _image_tower(loaded.model, blocks)
     with torch.inference_mode(), _captured_input(tower.blocks[0]) as seen:
         loaded.model.encode_image(images.to(loaded.device))
-    tokens = seen[-1]
+    tokens = seen.pop()
     pool = torch.zeros(tokens.shape[:2], device=tokens.device)
     if tower.shape.one_hot_pool:
         pool[:, 0] = 1.0
@@ -159,7 +161,7 @@ def encode_caption_blocks(loaded: LoadedModel, captions: Sequence[str], blocks: 
         for start in range(0, len(captions), batch_size):
             tokens = loaded.tokenizer(list(captions[start : start + batch_size])).to(loaded.device)
             loaded.model.encode_text(tokens)
-            x = seen[-1]
+            x = seen.pop()
             # Which position the tower pools, found by pooling the positions themselves.
             positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[None, :, None].expand(x.shape[0], -1, 1)
             pooled = text_global_pool(positions, tokens, pool_type, eos_token_id=eos_id).reshape(-1).long()

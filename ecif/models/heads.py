@@ -8,6 +8,7 @@ final gradient norm, the smallest Hessian eigenvalue and the smallest pre-normal
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -188,7 +189,12 @@ def convergence_report(problem: HeadsProblem, theta: Tensor, config: FinetuneCon
             f"not converged: gradient norm {gradient_norm:.2e} (tolerance {config.gradient_tolerance:.0e}); "
             "influence estimates assume a minimiser and will be unreliable"
         )
-    if smallest_eigenvalue <= 0:
+    if not math.isfinite(smallest_eigenvalue):
+        warnings.append(
+            "the smallest Hessian eigenvalue could not be estimated (Lanczos found no Ritz value); "
+            "raise curvature_check_products to check that this is a minimum"
+        )
+    elif smallest_eigenvalue <= 0:
         warnings.append(
             f"Hessian not positive definite (smallest eigenvalue {smallest_eigenvalue:.3g}): not a minimum; "
             "raise delta (the penalty towards the starting heads) or use the Gauss-Newton curvature"

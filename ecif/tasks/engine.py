@@ -75,6 +75,9 @@ class Engine:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
     """Results that depend only on this engine's θ̂ and data (trace-back's per-item influence, step norms)."""
+    cache_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    """Held while :attr:`cache` is read or filled: app sessions share the engine, and a second session
+    asking for the same item waits for the first one's solve instead of repeating it."""
 
     @cached_property
     def problem(self) -> HeadsProblem:

@@ -166,6 +166,12 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"unknown stage {stop_after!r}; stages are {', '.join(STAGES)}")
+    blocks, solver = config.finetune.blocks, config.curvature.solver
+    if blocks < 0:
+        raise ValueError(f"blocks must be 0 (the heads) or a positive number of transformer blocks, got {blocks}")
+    if blocks and solver.startswith("ekfac"):
+        # Refused before the fine-tuning, not after it: EK-FAC factorises linear heads only.
+        raise ValueError(f"solver {solver!r} covers the projection heads only; with blocks={blocks} use auto, lowrank-cg, cg or dense")
     if config.model != "demo":
         from ecif.models.open_clip_models import require_weights
 

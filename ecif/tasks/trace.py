@@ -136,25 +136,27 @@ ITEM_CACHE_SIZE = 64
 def _item_influence(engine: Engine, row: int, label: int) -> PairInfluence:
     """Every training pair's influence on one item's zero-shot loss, cached on the engine."""
     key = ("item", row, label)
-    cache = engine.cache
-    if key not in cache:
-        function = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray([row])), torch.tensor([label]), engine.prompts)
-        cache[key] = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(function, engine.theta))
-        items = [name for name in cache if name[0] == "item"]
-        for stale in items[: max(0, len(items) - ITEM_CACHE_SIZE)]:
-            cache.pop(stale, None)
-    return cache[key]
+    with engine.cache_lock:
+        cache = engine.cache
+        if key not in cache:
+            function = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray([row])), torch.tensor([label]), engine.prompts)
+            cache[key] = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(function, engine.theta))
+            items = [name for name in cache if name[0] == "item"]
+            for stale in items[: max(0, len(items) - ITEM_CACHE_SIZE)]:
+                del cache[stale]
+        return cache[key]
 
 
 def _step_norms(engine: Engine, norm: StepNorm) -> np.ndarray:
     """``‖Δθ_n‖`` per training pair in the chosen norm (the same for every item: cached on the engine)."""
     key = ("step norms", norm)
-    if key not in engine.cache:
-        if norm == "hessian":
-            engine.cache[key] = np.sqrt(np.maximum(_self_influence(engine) / engine.problem.data.normaliser, 0.0))
-        else:
-            engine.cache[key] = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
-    return engine.cache[key]
+    with engine.cache_lock:
+        if key not in engine.cache:
+            if norm == "hessian":
+                engine.cache[key] = np.sqrt(np.maximum(_self_influence(engine) / engine.problem.data.normaliser, 0.0))
+            else:
+                engine.cache[key] = euclidean_step_norms(engine.problem, engine.theta, engine.solver)
+        return engine.cache[key]
 
 
 def _self_influence(engine: Engine) -> np.ndarray:
