@@ -47,6 +47,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/scoring_time.py
 	$(BIN)/python bench/solvers.py
 	$(BIN)/python bench/blocks.py
+	$(BIN)/python bench/blocks_vit.py
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.scale.extraction
