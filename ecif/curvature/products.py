@@ -230,6 +230,16 @@ def _logits_from_projections(z_image: Tensor, z_text: Tensor, log_scale: Tensor)
     return log_scale.exp() * (u @ v.T)
 
 
+def linear_operator(product: Product, size: int, dtype: torch.dtype = torch.float64):
+    """``product`` as a scipy ``LinearOperator`` on float64 numpy vectors (for ``eigsh``)."""
+    from scipy.sparse.linalg import LinearOperator
+
+    def matvec(vector: np.ndarray) -> np.ndarray:
+        return product(torch.as_tensor(vector.ravel(), dtype=dtype)).detach().numpy()
+
+    return LinearOperator((size, size), matvec=matvec, dtype=np.float64)
+
+
 def smallest_eigenvalue(
     product: Product, size: int, dtype: torch.dtype = torch.float64, max_products: int = 800
 ) -> float:
@@ -239,15 +249,12 @@ def smallest_eigenvalue(
     contrastive Hessian is clustered near ``δ``, where Lanczos converges slowly, and a report needs
     the sign and rough size, not ten digits.  Without convergence the smallest Ritz value is returned.
     """
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-    def matvec(vector: np.ndarray) -> np.ndarray:
-        return product(torch.as_tensor(vector.ravel(), dtype=dtype)).detach().numpy()
-
+    operator = linear_operator(product, size, dtype)
     if size <= 64:
-        dense = np.stack([matvec(column) for column in np.eye(size)], axis=1)
+        dense = np.stack([operator.matvec(column) for column in np.eye(size)], axis=1)
         return float(np.linalg.eigvalsh(0.5 * (dense + dense.T))[0])
-    operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
     subspace = min(size - 1, 40)
     start = np.random.default_rng(0).standard_normal(size)
     try:

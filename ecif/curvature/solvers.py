@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from ecif.curvature.products import CurvatureKind, curvature_product, dense_curvature, smallest_eigenvalue
+from ecif.curvature.products import CurvatureKind, curvature_product, dense_curvature, linear_operator, smallest_eigenvalue
 from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, embed
 from ecif.progress import Reporter, as_reporter
 
@@ -492,17 +492,13 @@ class LowRankSolver:
         cls, problem: HeadsProblem, theta: Tensor, rank: int, damping: float, kind: CurvatureKind = "hessian"
     ) -> LowRankSolver:
         """Lanczos on the curvature of ``problem`` at ``theta`` (``rank`` eigenpairs, at most ``P − 2``)."""
-        from scipy.sparse.linalg import LinearOperator, eigsh
+        from scipy.sparse.linalg import eigsh
 
-        product = curvature_product(problem, theta, kind)
         size = theta.numel()
         rank = max(1, min(rank, size - 2))
-
-        def matvec(vector):
-            return product(torch.as_tensor(vector.ravel(), dtype=theta.dtype)).detach().numpy()
-
+        operator = linear_operator(curvature_product(problem, theta, kind), size, theta.dtype)
         start = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy()
-        values, vectors = eigsh(LinearOperator((size, size), matvec=matvec, dtype="float64"), k=rank, which="LA", tol=1e-4, v0=start)
+        values, vectors = eigsh(operator, k=rank, which="LA", tol=1e-4, v0=start)
         return cls(torch.as_tensor(values, dtype=theta.dtype), torch.as_tensor(vectors, dtype=theta.dtype), problem.delta, damping, kind)
 
     def _parts(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -571,6 +567,15 @@ class RefinedSolver:
         }
 
 
+def conjugate_gradient(
+    problem: HeadsProblem, theta: Tensor, config: CurvatureConfig, preconditioner: CurvatureSolver | None = None
+) -> ConjugateGradientSolver:
+    """The conjugate gradient that ``config`` describes (damping, curvature kind, tolerance, iterations)."""
+    return ConjugateGradientSolver(
+        problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations, preconditioner
+    )
+
+
 def build_solver(
     problem: HeadsProblem, theta: Tensor, config: CurvatureConfig | None = None, reporter: Reporter | None = None
 ) -> CurvatureSolver:
@@ -588,26 +593,21 @@ def build_solver(
     if name.startswith("ekfac") and not heads:
         raise ValueError(f"EK-FAC covers the projection heads only; use solver 'lowrank-cg', 'cg' or 'dense' for the {problem.scope.kind} scope")
 
-    def conjugate_gradient(preconditioner: CurvatureSolver | None = None) -> ConjugateGradientSolver:
-        return ConjugateGradientSolver(
-            problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations, preconditioner
-        )
-
     if name == "dense":
         matrix = dense_curvature(problem, theta, config.kind, reporter)
         return DenseSolver(matrix, config.damping, config.kind)
     if name == "cg":
-        return conjugate_gradient()
+        return conjugate_gradient(problem, theta, config)
     if name == "ekfac":
         return KroneckerSolver(problem, theta, config.damping, reporter)
     if name == "ekfac-cg":
         kronecker = KroneckerSolver(problem, theta, config.damping, reporter)
-        return RefinedSolver(kronecker, conjugate_gradient(kronecker))
+        return RefinedSolver(kronecker, conjugate_gradient(problem, theta, config, kronecker))
     if name == "lowrank-cg":
         reporter.report("curvature (Lanczos)", 0, 1)
         low_rank = LowRankSolver.of(problem, theta, config.low_rank, config.damping, config.kind)
         reporter.report("curvature (Lanczos)", 1, 1)
-        return RefinedSolver(low_rank, conjugate_gradient(low_rank))
+        return RefinedSolver(low_rank, conjugate_gradient(problem, theta, config, low_rank))
     raise ValueError(f"unknown solver {name!r}; expected one of auto, dense, cg, ekfac, ekfac-cg, lowrank-cg")
 
 
@@ -691,6 +691,5 @@ def load_solver(
     if metadata.get("refined") == "1":
         if problem is None or theta is None or config is None:
             raise ValueError(f"{path} holds a refined solver: pass the problem, theta and config to rebuild its conjugate gradient")
-        refined = ConjugateGradientSolver(problem, theta, config.damping, config.kind, config.cg_tolerance, config.cg_max_iterations, solver)
-        return RefinedSolver(solver, refined)
+        return RefinedSolver(solver, conjugate_gradient(problem, theta, config, solver))
     return solver
