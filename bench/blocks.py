@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,19 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def slice_manifest(demo_run: Path, folder: Path, train: int) -> Path:
     """The first ``train`` training pairs of the demo with a third as many validation and test items."""
-    import pandas as pd
-
+    from ecif.data.manifest import write_manifest_subset
     from ecif.run import Run
 
-    data_dir = Path(Run(demo_run).info["manifest_path"]).parent
-    frame = pd.read_csv(data_dir / "manifest.csv")
-    counts = (("train", train), ("val", max(48, train // 3)), ("test", max(48, train // 3)))
-    subset = pd.concat([frame[frame["split"] == split].head(count) for split, count in counts])
-    subset["filepath"] = [str(data_dir / path) for path in subset["filepath"]]
-    folder.mkdir(parents=True, exist_ok=True)
-    subset.to_csv(folder / "manifest.csv", index=False)
-    shutil.copy(data_dir / "classes.json", folder / "classes.json")
-    return folder / "manifest.csv"
+    counts = {"train": train, "val": max(48, train // 3), "test": max(48, train // 3)}
+    return write_manifest_subset(Run(demo_run).info["manifest_path"], folder, counts)
 
 
 def scope_run(manifest: Path, checkpoint: Path, folder: Path, blocks: int):

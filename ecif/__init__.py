@@ -59,11 +59,12 @@ _EXPORTS = {
     "trace": "ecif.tasks.trace",
     "verify_by_refit": "ecif.tasks.clean",
     "write_feature_store": "ecif.influence.streaming",
+    "write_manifest_subset": "ecif.data.manifest",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from ecif.curvature.solvers import CurvatureConfig, build_solver
-    from ecif.data.manifest import iter_manifest_chunks, load_manifest
+    from ecif.data.manifest import iter_manifest_chunks, load_manifest, write_manifest_subset
     from ecif.influence.blocks import BlocksScope
     from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
     from ecif.influence.scores import influence_on, self_influence
@@ -126,4 +127,5 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "trace",
     "verify_by_refit",
     "write_feature_store",
+    "write_manifest_subset",
 ]

@@ -125,25 +125,18 @@ def test_leave_one_out_retraining_matches_exact_ecif(block_toy) -> None:
 @pytest.fixture(scope="module")
 def blocks_run(scored_demo_run, tmp_path_factory):
     """``ecif score --blocks 1`` on a slice of the shared demo, with its trained ecif-demo checkpoint."""
-    import shutil
     from pathlib import Path
 
-    import pandas as pd
-
+    from ecif.data.manifest import write_manifest_subset
     from ecif.run import Run
     from ecif.tasks.pipeline import RunConfig, run_pipeline
 
     demo = Run(scored_demo_run)
-    data_dir = Path(demo.info["manifest_path"]).parent
-    frame = pd.read_csv(data_dir / "manifest.csv")
-    subset = pd.concat([frame[frame["split"] == split].head(count) for split, count in (("train", 96), ("val", 48), ("test", 48))])
-    subset["filepath"] = [str(data_dir / path) for path in subset["filepath"]]
     root = tmp_path_factory.mktemp("blocks-run")
-    subset.to_csv(root / "manifest.csv", index=False)
-    shutil.copy(data_dir / "classes.json", root / "classes.json")
+    manifest = write_manifest_subset(demo.info["manifest_path"], root, {"train": 96, "val": 48, "test": 48})
     config = RunConfig(
         run_dir=root / "run",
-        manifest=root / "manifest.csv",
+        manifest=manifest,
         model="ecif-demo",
         checkpoint=Path(demo.info["demo_checkpoint"]),
         finetune=FinetuneConfig(blocks=1),

@@ -1,5 +1,6 @@
 """Curvature products and every solver against the dense reference."""
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -88,6 +89,19 @@ def test_ekfac_preconditioned_cg_solves_exactly_and_keeps_the_ekfac_quadratic_fo
     exact = influence_on(problem, theta, dense, gradient).influence
     assert spearmanr(influence_on(problem, theta, refined, gradient).influence, exact)[0] > 0.9999
     assert refined.describe()["solver"] == "ekfac-cg"
+
+
+def test_per_pair_solves_are_exact_except_for_a_refined_solver_which_keeps_its_approximation(toy):
+    from ecif.influence.scores import euclidean_step_norms
+
+    problem, theta = toy.problem, toy.theta
+    vectors = torch.randn(3, theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for name in ("dense", "cg", "ekfac"):
+        solver = build_solver(problem, theta, CurvatureConfig(solver=name))
+        assert torch.equal(solver.solve_per_pair(vectors), solver.solve(vectors))
+    refined = build_solver(problem, theta, CurvatureConfig(solver="ekfac-cg"))
+    assert torch.equal(refined.solve_per_pair(vectors), refined.approximate.solve(vectors))
+    np.testing.assert_array_equal(euclidean_step_norms(problem, theta, refined), euclidean_step_norms(problem, theta, refined.approximate))
 
 
 def test_kronecker_solver_supports_a_learnt_logit_scale():

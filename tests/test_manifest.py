@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from fixtures_data import write_bad_manifest, write_png, write_tiny_images
 
-from ecif.data import LoadedManifest, ManifestError, bad_rows_report, load_manifest
+from ecif.data import LoadedManifest, ManifestError, bad_rows_report, load_manifest, write_manifest_subset
 from ecif.data.classes import DEFAULT_TEMPLATES
 from ecif.progress import Reporter
 
@@ -226,3 +226,25 @@ def test_loaded_manifest_roundtrips_through_the_run_parquet(tmp_path: Path) -> N
         back[CANONICAL].astype(object).values.tolist()
         == loaded.frame[CANONICAL].astype(object).values.tolist()
     )
+
+
+def test_manifest_subset_takes_the_first_rows_of_each_split_with_absolute_paths(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    records = write_tiny_images(source).assign(split=["train", "val", "train", "test", "train", "validation"])
+    records.to_csv(source / "manifest.csv", index=False)
+    (source / "classes.json").write_text(json.dumps({"names": ["red", "blue"]}))
+
+    written = write_manifest_subset(source / "manifest.csv", tmp_path / "subset", {"train": 2, "val": 2, "test": 5})
+    assert written == tmp_path / "subset" / "manifest.csv"
+    subset = pd.read_csv(written)
+    assert list(subset.columns) == list(records.columns)
+    assert subset["uid"].tolist() == ["img0", "img2", "img1", "img5", "img3"]  # "validation" is a val row
+    assert subset["filename"].tolist() == [str(source / name) for name in records["filename"].iloc[[0, 2, 1, 5, 3]]]
+    assert (tmp_path / "subset" / "classes.json").read_text() == (source / "classes.json").read_text()
+    assert load_manifest(written).classes.names == ["red", "blue"]
+
+    with pytest.raises(ValueError, match=r"manifest\.csv: no rows of split 'dev'"):
+        write_manifest_subset(source / "manifest.csv", tmp_path / "other", {"train": 1, "dev": 1})
+    with pytest.raises(ValueError, match=r"manifest\.csv: the count for split 'test' must be at least 1, got 0"):
+        write_manifest_subset(source / "manifest.csv", tmp_path / "other", {"test": 0})
+    assert not (tmp_path / "other").exists()  # refused before writing anything

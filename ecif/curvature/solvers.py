@@ -13,7 +13,10 @@ Gauss–Newton, both including the ``δ`` penalty) and damping ``λ``:
 - :class:`RefinedSolver` (``"ekfac-cg"``, ``"lowrank-cg"``): exact solves by conjugate gradient
   preconditioned with the EK-FAC or the low-rank solver, whose quadratic forms it keeps.
 
-``solve`` accepts ``[P]`` or ``[k, P]``; ``inverse_quadratic`` returns ``vᵀ(C + λI)⁻¹v`` per row.
+``solve`` accepts ``[P]`` or ``[k, P]``; ``inverse_quadratic`` returns ``vᵀ(C + λI)⁻¹v`` per row;
+``solve_per_pair`` solves one right-hand side per training pair (``solve``, except that a refined
+solver answers with its approximation).  The solvers subclass the :class:`CurvatureSolver` protocol
+explicitly to inherit that default.
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ class CurvatureSolver(Protocol):
         """``vᵀ (C + λI)⁻¹ v`` for each row of ``vectors [k, P]`` → ``[k]``."""
         ...
 
+    def solve_per_pair(self, vectors: Tensor) -> Tensor:
+        """``(C + λI)⁻¹ v`` for many right-hand sides at once, one per training pair: ``[k, P]`` → ``[k, P]``.
+
+        The solvers here inherit this default, :meth:`solve`; a :class:`RefinedSolver` answers with
+        its approximation instead, as it does :meth:`inverse_quadratic`: exact conjugate-gradient
+        solves, one per pair, would cost passes over the data quadratic in ``N``.
+        """
+        return self.solve(vectors)
+
     def describe(self) -> dict:
         """Facts worth recording in run.json (solver, sizes, smallest eigenvalue when known)."""
         ...
@@ -87,7 +99,7 @@ class CurvatureNotPositiveDefinite(RuntimeError):
     """The damped curvature has a non-positive eigenvalue; the influence estimate would be meaningless."""
 
 
-class DenseSolver:
+class DenseSolver(CurvatureSolver):
     """Explicit ``(C + λI)`` with a Cholesky factor (the reference solver)."""
 
     name = "dense"
@@ -156,7 +168,7 @@ class DenseSolver:
         }
 
 
-class ConjugateGradientSolver:
+class ConjugateGradientSolver(CurvatureSolver):
     """Matrix-free conjugate gradient with curvature-vector products, many right-hand sides at once.
 
     ``preconditioner``: a solver whose ``solve`` approximates ``(H + λI)⁻¹`` (e.g. the EK-FAC); the
@@ -358,7 +370,7 @@ def kronecker_bases(statistics: FactorStatistics) -> dict[str, tuple[Tensor, Ten
     }
 
 
-class KroneckerSolver:
+class KroneckerSolver(CurvatureSolver):
     """EK-FAC for the two projection heads: per head ``A ⊗ G`` eigenbases with corrected eigenvalues.
 
     ``A = E[h hᵀ]`` (backbone features), ``G = E[M_kk]`` (per-pair Gauss–Newton of the embedding);
@@ -465,7 +477,7 @@ class KroneckerSolver:
         }
 
 
-class LowRankSolver:
+class LowRankSolver(CurvatureSolver):
     """``(C + λI)⁻¹`` from the top ``k`` eigenpairs of ``C``, the other directions at the penalty's ``δ``.
 
     ``C`` is ``δI`` plus the data's curvature.  For the Gauss–Newton curvature the data part is
@@ -530,7 +542,7 @@ class LowRankSolver:
         }
 
 
-class RefinedSolver:
+class RefinedSolver(CurvatureSolver):
     """Exact solves by conjugate gradient preconditioned with an approximation whose quadratic forms it keeps.
 
     ``solve`` (influence on a test function, trace-back) agrees with the dense solver to the CG
@@ -538,8 +550,9 @@ class RefinedSolver:
     iterations on the pretrained-pool demo run, against 53 for plain CG, where the EK-FAC alone ranks
     influence with Spearman 0.87 against the dense Hessian and 0.92 against the dense Gauss-Newton;
     it drops the image-text cross block and the non-Kronecker part of each head's block).
-    ``inverse_quadratic`` (self-influence, one per pair) stays the approximation's: exact forms would
-    cost a CG solve per pair, i.e. passes over the data quadratic in ``N``.
+    ``inverse_quadratic`` (self-influence) and ``solve_per_pair`` (Euclidean step norms), one per
+    pair, stay the approximation's: exact answers would cost a CG solve per pair, i.e. passes over
+    the data quadratic in ``N``.
     """
 
     def __init__(self, approximate: KroneckerSolver | LowRankSolver, refined: ConjugateGradientSolver):
@@ -552,6 +565,9 @@ class RefinedSolver:
 
     def inverse_quadratic(self, vectors: Tensor) -> Tensor:
         return self.approximate.inverse_quadratic(vectors)
+
+    def solve_per_pair(self, vectors: Tensor) -> Tensor:
+        return self.approximate.solve(vectors)
 
     def describe(self) -> dict:
         approximate = {f"{self.approximate.name}_{key}": value for key, value in self.approximate.describe().items() if key not in ("solver", "kind", "damping", "parameters")}

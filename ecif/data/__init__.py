@@ -10,6 +10,7 @@ from ecif.data.manifest import (
     bad_rows_report,
     iter_manifest_chunks,
     load_manifest,
+    write_manifest_subset,
 )
 from ecif.data.thumbnails import make_thumbnails, thumbnail_path
 
@@ -25,4 +26,5 @@ __all__ = [
     "make_thumbnails",
     "open_image",
     "thumbnail_path",
+    "write_manifest_subset",
 ]

@@ -25,7 +25,8 @@ raise :class:`ManifestError`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -452,6 +453,48 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The frames one after another; empty ones are skipped (pandas warns on them) unless all are."""
     filled = [frame for frame in frames if len(frame)] or frames[:1]
     return pd.concat(filled, ignore_index=True) if len(filled) > 1 else filled[0]
+
+
+def write_manifest_subset(
+    manifest_path: str | os.PathLike[str], out_folder: str | os.PathLike[str], counts: Mapping[str, int]
+) -> Path:
+    """Write the first ``count`` rows of each split of a manifest to ``out_folder/manifest.csv``.
+
+    ``counts`` maps canonical split names (``"train"``, ``"val"``, ``"test"``) to row counts; rows
+    keep their input columns and order within a split, the splits follow the order of ``counts``,
+    and a split with fewer rows gives all it has.  Image paths are made absolute (the subset may live
+    anywhere) and ``classes.json`` beside the manifest, if there is one, is copied beside the subset.
+    ``manifest_path``: an ordinary manifest file or folder (not shards); rows are not validated (see
+    :func:`load_manifest`), and a row without a split counts as ``"train"``, as there.
+
+    Returns the path of the written manifest.  Raises :class:`ManifestError` (a ``ValueError``)
+    naming the file and the split when a split of ``counts`` has no rows in the manifest or its
+    count is below 1, or when the manifest cannot be read.
+    """
+    raw, source, _ = _read_source(Path(manifest_path).expanduser().resolve())
+    base = source if source.is_dir() else source.parent
+    split_column = _canonical_source(list(raw.columns), "split")
+    raw_splits = _text_values(raw[split_column]) if split_column is not None else [None] * len(raw)
+    splits = pd.Series([SPLIT_ALIASES.get((split or "train").strip().lower()) for split in raw_splits], index=raw.index)
+    parts = []
+    for split, count in counts.items():
+        if count < 1:
+            raise ManifestError(f"{source}: the count for split {split!r} must be at least 1, got {count}")
+        if not (splits == split).any():
+            present = ", ".join(sorted(set(splits.dropna()))) or "none"
+            raise ManifestError(f"{source}: no rows of split {split!r} (splits present: {present})")
+        parts.append(raw[splits == split].head(count))
+    subset = pd.concat(parts)
+    filepath_column = _canonical_source(list(raw.columns), "filepath")
+    if filepath_column is not None:
+        subset[filepath_column] = [_resolve(base, path) for path in _text_values(subset[filepath_column])]
+    folder = Path(out_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = folder / "manifest.csv"
+    subset.to_csv(written, index=False, lineterminator="\n")
+    if (base / CLASSES_FILE_NAME).is_file():
+        shutil.copy(base / CLASSES_FILE_NAME, folder / CLASSES_FILE_NAME)
+    return written
 
 
 def bad_rows_report(loaded: LoadedManifest) -> str:

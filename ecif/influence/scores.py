@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp
 
-from ecif.curvature.solvers import CurvatureSolver, RefinedSolver
+from ecif.curvature.solvers import CurvatureSolver
 from ecif.influence.objective import ContrastiveData, HeadsProblem, batch_logits, batch_pair_terms, contrastive_sum, pair_terms
 from ecif.progress import Reporter, as_reporter
 
@@ -119,13 +119,12 @@ def self_influence(
 def euclidean_step_norms(problem: HeadsProblem, theta: Tensor, solver: CurvatureSolver) -> np.ndarray:
     """``‖Δθ_n‖₂ = (1/N)‖H⁻¹∇g_n‖`` per pair ``[N]`` (the Euclidean option of the relative score).
 
-    A refined solver answers these with its approximation, as it does self-influence: exact
-    conjugate-gradient solves, one per pair, would cost passes over the data quadratic in ``N``.
+    The solves go through ``solver.solve_per_pair``: a refined solver answers them with its
+    approximation, as it does self-influence (see :class:`ecif.curvature.solvers.RefinedSolver`).
     """
-    per_pair = solver.approximate if isinstance(solver, RefinedSolver) else solver
     values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype)
     for rows, gradients in per_pair_gradients(problem, theta):
-        values[rows] = per_pair.solve(gradients).norm(dim=1) / problem.data.normaliser
+        values[rows] = solver.solve_per_pair(gradients).norm(dim=1) / problem.data.normaliser
     return values.numpy()
 
 
