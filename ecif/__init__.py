@@ -38,6 +38,8 @@ _EXPORTS = {
     "StreamingConfig": "ecif.influence.streaming",
     "apply_edit": "ecif.tasks.clean",
     "build_solver": "ecif.curvature.solvers",
+    "confusion_items": "ecif.tasks.trace",
+    "confusions": "ecif.tasks.trace",
     "detection_report": "ecif.tasks.detect",
     "extract_feature_store": "ecif.tasks.extract",
     "finetune_heads": "ecif.models.heads",
@@ -77,7 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ecif.tasks.extract import extract_feature_store, read_left_out, read_row_map
     from ecif.tasks.evaluate import score_training_pairs
     from ecif.tasks.pipeline import DemoDataConfig, RunConfig, run_pipeline
-    from ecif.tasks.trace import mispredictions, trace
+    from ecif.tasks.trace import confusion_items, confusions, mispredictions, trace
 
 
 def __getattr__(name: str) -> Any:
@@ -106,6 +108,8 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "StreamingConfig",
     "apply_edit",
     "build_solver",
+    "confusion_items",
+    "confusions",
     "detection_report",
     "extract_feature_store",
     "finetune_heads",

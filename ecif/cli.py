@@ -319,11 +319,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from ecif.tasks.trace import trace
+    from ecif.tasks.trace import confusion_items, trace
 
-    table = trace(_open_run(args.run), args.item, top_k=args.top_k, relative=not args.plain, rank_by=args.rank_by)
+    run = _open_run(args.run)
+    if args.confusion:
+        label, separator, predicted = args.confusion.partition(":")
+        if not separator or not label or not predicted:
+            raise ValueError(f"--confusion takes TRUE:PREDICTED (two class names), got {args.confusion!r}")
+        items = confusion_items(run, label, predicted)
+        heading = f"{len(items)} items of class {label!r} predicted as {predicted!r}, traced together (their mean loss)\n"
+    else:
+        items, heading = args.item, ("" if len(args.item) == 1 else f"{len(args.item)} items traced together (their mean loss)\n")
+    table = trace(run, items, top_k=args.top_k, relative=not args.plain, rank_by=args.rank_by)
     columns = ["role", "uid", "caption", "score", "influence", "influence_pos", "influence_neg", "main_role", "corrupted"]
-    _emit(args, {"item": args.item, "pairs": table}, _table(table, columns, 2 * args.top_k))
+    item = items[0] if len(items) == 1 else items
+    _emit(args, {"item": item, "pairs": table}, heading + _table(table, columns, 2 * args.top_k))
     return 0
 
 
@@ -497,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_detect)
 
-    p = commands.add_parser("trace", help="culprits and supporters of one test item's zero-shot loss")
+    p = commands.add_parser("trace", help="culprits and supporters of one test item's zero-shot loss (or of several items')")
     p.add_argument("--run", required=True)
-    p.add_argument("--item", required=True, help="uid of a labelled item")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--item", action="append", help="uid of a labelled item; repeat it to trace several items' mean loss")
+    which.add_argument("--confusion", metavar="TRUE:PREDICTED",
+                       help="every mispredicted item of class TRUE that the model calls PREDICTED, traced together")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--plain", action="store_true", help="rank by plain influence instead of the relative score")
     p.add_argument("--rank-by", default="total", choices=["total", "positive"],

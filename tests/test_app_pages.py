@@ -214,6 +214,33 @@ def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pyt
     assert open_store(run).current_state().set_index("row").loc[row, "status"] == "dropped"
 
 
+def test_a_confusion_is_traced_together_and_kept_in_the_url(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ecif
+    from ecif.tasks.trace import confusion_items, confusions
+
+    calls = []
+
+    def fake_trace(run_, uid, top_k=20, relative=True, rank_by="total"):
+        calls.append(uid)
+        scores = run_.scores().sort_values("influence")
+        return pd.concat([scores.head(2).assign(role="culprit"), scores.tail(2).assign(role="supporter")]).assign(
+            score=[-2.0, -1.0, 1.0, 2.0])[["row", "uid", "influence", "influence_pos", "influence_neg", "score", "role"]]
+
+    monkeypatch.setattr(ecif, "trace", fake_trace)
+    first = confusions(run).iloc[0]
+    key, uids = f"{first.label}:{first.predicted}", confusion_items(run, first.label, first.predicted)
+    expected = uids if len(uids) > 1 else uids[0]
+    at = app(run, "mispredictions", item=str(run.mispredictions()["uid"].iloc[-1]))
+    at.selectbox(key="mp_confusion").set_value(key).run()
+    assert not at.exception and calls[-1] == expected
+    assert at.query_params["confusion"] == key and "item" not in at.query_params
+    assert any(f"{len(uids)} items of class {first.label} predicted as {first.predicted}" in m.value for m in at.markdown)
+    reloaded = app(run, "mispredictions", confusion=key)  # a shared link opens the same trace
+    assert not reloaded.exception and calls[-1] == expected
+    reloaded.selectbox(key="mp_confusion").set_value(None).run()
+    assert not reloaded.exception and "confusion" not in reloaded.query_params
+
+
 def test_whatif_passes_decisions_to_the_engine(run, monkeypatch: pytest.MonkeyPatch) -> None:
     import ecif
     from ecif.curation.review import decide, review_table

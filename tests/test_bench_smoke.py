@@ -123,3 +123,31 @@ def test_detect_renders_a_table():
                                    "load_average_at_start": [0, 0, 0], "date_utc": "now"}, [result], [])
     assert "| ECIF (exact) | 0.900 |" in markdown
     assert "MISSED" in markdown  # AUROC 0.9 < 0.97
+
+
+@pytest.mark.slow
+def test_trace_bench_checks_culprits_by_retraining(scored_demo_run, tmp_path):
+    """bench/trace.py's retraining check on the shared demo run's most frequent confusion (about 30 s)."""
+    import importlib.util
+
+    from ecif.run import Run
+    from ecif.tasks.trace import confusions, zero_shot_table
+
+    spec = importlib.util.spec_from_file_location("bench_trace", BENCH / "trace.py")  # not the standard library's trace
+    bench_trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_trace)
+    run = Run(scored_demo_run)
+    first = confusions(run).iloc[0]
+    table = zero_shot_table(run, ["test"])
+    mistakes = table[~table["correct"] & (table["label"] == first["label"]) & (table["predicted"] == first["predicted"])].head(3)
+    args = SimpleNamespace(verify=1, top_k=3, tolerance=1e-9)
+    verified = bench_trace.verify_culprits(run, mistakes, args, cache_dir=tmp_path)
+    every = {row[0]: row for row in verified["summary"]}["every culprit"]
+    assert 3 <= every[1] <= 9
+    assert every[5] > 0.95, f"predicted against actual change of the item's loss: Pearson {every[5]:.3f}"
+    assert len(verified["group_rows"]) == (6 if len(mistakes) > 1 else 3)
+    for row in verified["group_rows"]:
+        assert np.sign(row[2]) == np.sign(row[3]) == -1  # removing culprits is predicted to, and does, lower the loss
+    assert "Are the culprits real?" in "\n".join(bench_trace.verification_markdown(verified, args, first["predicted"]))
+    again = bench_trace.verify_culprits(run, mistakes, args, cache_dir=tmp_path)  # resumed from the stored heads
+    assert again["summary"] == verified["summary"]

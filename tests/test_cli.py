@@ -85,6 +85,13 @@ def test_reporting_commands_on_the_demo_run(scored_demo_run, capsys):
     assert [pair["score"] for pair in culprits] == [pair["influence_pos"] for pair in culprits]
     assert {pair["main_role"] for pair in own["pairs"]} <= {"positive", "negative"}
     assert main(["trace", "--run", run, "--item", "nope"]) == 1
+    if wrong:
+        confusion = f"{wrong[0]['label']}:{wrong[0]['predicted']}"
+        joint = _json(capsys, ["trace", "--run", run, "--confusion", confusion, "--top-k", "5", "--json"])
+        assert wrong[0]["uid"] in joint["item"] and len(joint["pairs"]) == 10
+        assert all(w["label"] == wrong[0]["label"] and w["predicted"] == wrong[0]["predicted"]
+                   for w in wrong if w["uid"] in joint["item"])
+    assert main(["trace", "--run", run, "--confusion", "square"]) == 1
 
 
 def test_choices_written_out_in_the_parser_match_the_library():

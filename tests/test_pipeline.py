@@ -137,6 +137,33 @@ def test_trace_returns_culprits_and_supporters_of_a_misprediction(run, monkeypat
         ecif.trace(run, "no-such-uid")
 
 
+def test_a_confusion_is_traced_as_its_items_mean_loss(run):
+    from ecif.tasks.trace import confusion_items, confusions
+
+    counts = confusions(run)
+    wrong = ecif.mispredictions(run)
+    assert counts["items"].sum() == len(wrong) and counts["items"].is_monotonic_decreasing
+    label, predicted = counts.iloc[0][["label", "predicted"]]
+    uids = confusion_items(run, label, predicted)
+    assert len(uids) == counts.iloc[0]["items"] >= 2
+    everyone = len(run.scores())
+
+    def influence(items) -> pd.Series:
+        table = ecif.trace(run, items, top_k=everyone, relative=False)
+        return table[table.role == "culprit"].set_index("row")["influence"].sort_index()
+
+    # The test function is the items' mean loss, so a pair's influence is the mean of its per-item influences.
+    mean = sum(influence(uid) for uid in uids) / len(uids)
+    assert np.allclose(influence(uids), mean, rtol=1e-8, atol=1e-14)
+    assert ecif.trace(run, list(reversed(uids)), top_k=5).equals(ecif.trace(run, uids, top_k=5))  # order does not matter
+    with pytest.raises(ValueError, match="no mispredicted item"):
+        confusion_items(run, label, label)
+    with pytest.raises(KeyError, match="no-such-uid"):
+        ecif.trace(run, [uids[0], "no-such-uid"])
+    with pytest.raises(ValueError, match="at least one"):
+        ecif.trace(run, [])
+
+
 def test_dropping_the_most_harmful_pairs_is_predicted_and_applied(run, tmp_path):
     scores = run.scores()
     harmful = scores.nsmallest(20, "rank")["row"].tolist()

@@ -24,21 +24,21 @@ def render(ctx: Context) -> None:
     st.caption(f"{int((~items['correct'].astype(bool)).sum())} of {len(items)} items mispredicted; "
                "worst first")
     columns = ["uid", "label", "predicted", "prob_true", "prob_predicted", "loss", "caption", "split"]
-    picked = st.dataframe(shown[[c for c in columns if c in shown.columns]], key="mp_table",
-                          on_select="rerun", selection_mode="single-row", hide_index=True,
-                          width="stretch")
-    if picked.selection.rows:
-        # Kept in the URL (?item=uid) so a traced misprediction can be shared and reloaded.
-        st.query_params["item"] = str(shown["uid"].iloc[picked.selection.rows[0]])
-    chosen = items[items["uid"] == st.query_params.get("item")]
-    if chosen.empty:
-        st.caption("Select an item to see the training pairs that pushed the model to its answer.")
+
+    def item_picked() -> None:
+        rows = st.session_state["mp_table"].selection.rows
+        if rows:
+            # Kept in the URL (?item=uid) so a traced misprediction can be shared and reloaded.
+            st.query_params["item"] = str(shown["uid"].iloc[rows[0]])
+            st.query_params.pop("confusion", None)
+            st.session_state["mp_confusion"] = None
+
+    st.dataframe(shown[[c for c in columns if c in shown.columns]], key="mp_table", on_select=item_picked,
+                 selection_mode="single-row", hide_index=True, width="stretch")
+    target = _chosen_target(ctx, items)
+    if target is None:
         return
-    item = chosen.iloc[0]
-    left, right = st.columns([1, 3])
-    left.image(item["filepath"], width="stretch")
-    right.markdown(f"**True:** {item['label']} · **predicted:** {item['predicted']} "
-                   f"({item['prob_predicted']:.2f}; true class {item['prob_true']:.2f})")
+    uids, right = target
     top_k = right.slider("Pairs per side", 2, 40, 8, key="mp_k")
     ranking = right.radio(
         "Rank by", list(RANKINGS), horizontal=True, key="mp_rank_by",
@@ -55,14 +55,16 @@ def render(ctx: Context) -> None:
         st.warning("The engine's `ecif.trace` is not available in this installation.")
         return
     with st.spinner(ENGINE_SPINNER.format(name="trace")):
-        found = trace(ctx.run, str(item["uid"]), top_k=int(top_k), relative=relative, rank_by=RANKINGS[ranking])
-    st.caption("Bars: each pair's effect on **this item's** loss if it were removed, through its own caption "
+        found = trace(ctx.run, uids if len(uids) > 1 else uids[0], top_k=int(top_k), relative=relative,
+                      rank_by=RANKINGS[ranking])
+    whose = "this item's" if len(uids) == 1 else f"these {len(uids)} items' mean"
+    st.caption(f"Bars: each pair's effect on **{whose}** loss if it were removed, through its own caption "
                "(pos) and as a negative in the softmax of its batch (neg); red = removing it would lower the "
                "loss (a culprit), green = raise it.")
     largest = np.nanmax(found[["influence_pos", "influence_neg"]].abs().to_numpy(), initial=0.0)
     scale = float(largest) if np.isfinite(largest) and largest > 0 else 1.0
     through = " through their own caption" if RANKINGS[ranking] == "positive" else ""
-    for role, title in (("culprit", f"Culprits (removing them would lower this item's loss{through})"),
+    for role, title in (("culprit", f"Culprits (removing them would lower {whose} loss{through})"),
                         ("supporter", f"Supporters (they help the model here{through})")):
         st.subheader(title)
         rows = found[(found["role"] == role) & found["row"].isin(ctx.table.index)]
@@ -71,3 +73,52 @@ def render(ctx: Context) -> None:
         pairs = ctx.table.loc[rows["row"]].drop(columns="rank", errors="ignore").assign(
             **{column: rows[column].to_numpy() for column in ("score", "influence_pos", "influence_neg")})
         card_grid(ctx, pairs, key=f"trace_{role}", columns=4, scale=scale, extra_column="score")
+
+
+def _chosen_target(ctx: Context, items):
+    """The item (``?item=uid``) or confusion (``?confusion=true:predicted``) to trace, drawn; ``(uids, column)``."""
+    confusions, confusion_items = engine_call("confusions"), engine_call("confusion_items")
+    counts = confusions(ctx.run) if confusions is not None else None
+    if counts is not None and len(counts):
+        labels = {f"{c.label}:{c.predicted}": f"{c.label} → {c.predicted} ({c.items} item{'s' if c.items != 1 else ''})"
+                  for c in counts.itertuples()}
+
+        def confusion_picked() -> None:
+            # Kept in the URL (?confusion=true:predicted), like ?item, so it can be shared and reloaded.
+            picked = st.session_state["mp_confusion"]
+            if picked is None:
+                st.query_params.pop("confusion", None)
+            else:
+                st.query_params["confusion"] = picked
+                st.query_params.pop("item", None)
+
+        current = st.query_params.get("confusion")
+        st.session_state["mp_confusion"] = current if current in labels else None
+        st.selectbox(
+            "Or trace a confusion: every item of one class that the model calls another, together", [None, *labels],
+            key="mp_confusion", on_change=confusion_picked, format_func=lambda key: "—" if key is None else labels[key],
+            help="The culprits of these items' mean loss: the pairs behind the pattern rather than behind one item's quirks.")
+    confusion = st.query_params.get("confusion")
+    if confusion is not None and confusion_items is not None:
+        label, _, predicted = confusion.partition(":")
+        try:
+            uids = confusion_items(ctx.run, label, predicted)
+        except ValueError as error:
+            st.warning(str(error))
+            return None
+        st.markdown(f"**{len(uids)} items of class {label} predicted as {predicted}**, traced together (their mean loss)")
+        thumbnails = st.columns(8)
+        paths = items.set_index(items["uid"].astype(str)).loc[uids[:8], "filepath"]
+        for column, path in zip(thumbnails, paths):
+            column.image(path, width="stretch")
+        return uids, st.container()
+    chosen = items[items["uid"] == st.query_params.get("item")]
+    if chosen.empty:
+        st.caption("Select an item, or a confusion above, to see the training pairs that pushed the model to its answer.")
+        return None
+    item = chosen.iloc[0]
+    left, right = st.columns([1, 3])
+    left.image(item["filepath"], width="stretch")
+    right.markdown(f"**True:** {item['label']} · **predicted:** {item['predicted']} "
+                   f"({item['prob_predicted']:.2f}; true class {item['prob_true']:.2f})")
+    return [str(item["uid"])], right
