@@ -140,17 +140,19 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
     import ecif
     from ecif.influence.scores import gradient_of, predicted_step
     from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
+    from ecif.paths import text_sha256
     from ecif.tasks.engine import load_engine
+    from ecif.tasks.trace import labelled_rows
     from fidelity import RetrainCache, correlations, retrain
 
     engine = load_engine(run)
     config = dataclasses.replace(engine.finetune, gradient_tolerance=args.tolerance)
     cache = RetrainCache(cache_dir or run.directory / "bench-trace")
-    names = list(engine.prompts.names)
 
     def refit(rows) -> torch.Tensor:
         positions = sorted(int(p) for p in engine.problem_index(rows))
-        key = f"without-{'-'.join(map(str, positions)) if len(positions) <= 3 else text_key(positions)}-tol{args.tolerance:g}"
+        named = "-".join(map(str, positions)) if len(positions) <= 3 else "set" + text_sha256(",".join(map(str, positions)))[:16]
+        key = f"without-{named}-tol{args.tolerance:g}"
         theta_path = cache.path(key).with_suffix(".pt")
         if cache.get(key) is None or not theta_path.exists():
             theta, report, seconds = retrain(engine, positions, config, theta_path)
@@ -158,8 +160,8 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
         return torch.load(theta_path, weights_only=True)
 
     def loss_of(items) -> tuple:
-        image = engine.image_tensor(items["row"].to_numpy())
-        labels = torch.tensor([names.index(label) for label in items["label"]])
+        rows, labels = labelled_rows(engine, items["uid"].tolist())
+        image, labels = engine.image_tensor(np.asarray(rows)), torch.tensor(labels)
         return image, labels, zero_shot_loss(engine.scope, image, labels, engine.prompts)
 
     def remove_each_top_k(items, tables: dict) -> list[dict]:
@@ -238,12 +240,6 @@ def verification_markdown(verified: dict | None, args, wrong: str) -> list[str]:
                         "items right after the removal"], verified["group_rows"]),
         "",
     ]
-
-
-def text_key(positions: list[int]) -> str:
-    import hashlib
-
-    return "set" + hashlib.sha256(",".join(map(str, positions)).encode()).hexdigest()[:16]
 
 
 def main(argv=None) -> dict:

@@ -50,6 +50,7 @@ _EXPORTS = {
     "load_manifest": "ecif.data.manifest",
     "mispredictions": "ecif.tasks.trace",
     "predict_edit": "ecif.tasks.clean",
+    "predict_items": "ecif.tasks.clean",
     "read_left_out": "ecif.tasks.extract",
     "read_row_map": "ecif.tasks.extract",
     "read_scores": "ecif.influence.streaming",
@@ -74,7 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads, initial_scope
     from ecif.progress import Cancelled, Reporter
     from ecif.run import Run
-    from ecif.tasks.clean import EditResult, apply_edit, predict_edit, verify_by_refit
+    from ecif.tasks.clean import EditResult, apply_edit, predict_edit, predict_items, verify_by_refit
     from ecif.tasks.detect import detection_report, flag
     from ecif.tasks.extract import extract_feature_store, read_left_out, read_row_map
     from ecif.tasks.evaluate import score_training_pairs
@@ -120,6 +121,7 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "load_manifest",
     "mispredictions",
     "predict_edit",
+    "predict_items",
     "read_left_out",
     "read_row_map",
     "read_scores",

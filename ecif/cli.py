@@ -319,22 +319,36 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from ecif.tasks.trace import confusion_items, trace
+    from ecif.tasks.trace import confusion_items, parse_confusion, trace
 
     run = _open_run(args.run)
     if args.confusion:
-        label, separator, predicted = args.confusion.partition(":")
-        if not separator or not label or not predicted:
-            raise ValueError(f"--confusion takes TRUE:PREDICTED (two class names), got {args.confusion!r}")
+        label, predicted = parse_confusion(args.confusion)
         items = confusion_items(run, label, predicted)
-        heading = f"{len(items)} items of class {label!r} predicted as {predicted!r}, traced together (their mean loss)\n"
+        heading = f"{_count(len(items), 'item')} of class {label!r} predicted as {predicted!r}, traced together (their mean loss)\n"
     else:
-        items, heading = args.item, ("" if len(args.item) == 1 else f"{len(args.item)} items traced together (their mean loss)\n")
+        items = list(dict.fromkeys(args.item))
+        heading = "" if len(items) == 1 else f"{len(items)} items traced together (their mean loss)\n"
     table = trace(run, items, top_k=args.top_k, relative=not args.plain, rank_by=args.rank_by)
     columns = ["role", "uid", "caption", "score", "influence", "influence_pos", "influence_neg", "main_role", "corrupted"]
-    item = items[0] if len(items) == 1 else items
-    _emit(args, {"item": item, "pairs": table}, heading + _table(table, columns, 2 * args.top_k))
+    traced = {"item": items[0]} if args.item and len(items) == 1 else {"items": items}
+    text = heading + _table(table, columns, 2 * args.top_k)
+    if args.if_dropped:
+        from ecif.tasks.clean import predict_items
+
+        culprits = table.loc[table["role"] == "culprit", "row"].tolist()
+        effect = predict_items(run, items, drop_rows=culprits, refit=args.if_dropped == "refit")
+        traced["if_dropped"] = {"method": args.if_dropped, "rows": culprits, "items": effect}
+        right = [int((effect[f"predicted_{moment}"] == effect["label"]).sum()) for moment in ("before", "after")]
+        text += (f"\n\nif these {_count(len(culprits), 'culprit')} were dropped ({'re-fine-tuned' if args.if_dropped == 'refit' else 'closed form'}): "
+                 f"mean loss {effect['loss_before'].mean():.4f} -> {effect['loss_after'].mean():.4f} nats, "
+                 f"right {right[0]} -> {right[1]} of {len(effect)}")
+    _emit(args, {**traced, "pairs": table}, text)
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def cmd_mispredictions(args: argparse.Namespace) -> int:
@@ -510,9 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("trace", help="culprits and supporters of one test item's zero-shot loss (or of several items')")
     p.add_argument("--run", required=True)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--item", action="append", help="uid of a labelled item; repeat it to trace several items' mean loss")
+    which.add_argument("--item", action="append", metavar="UID",
+                       help="uid of a labelled item; repeat it to trace several items' mean loss")
     which.add_argument("--confusion", metavar="TRUE:PREDICTED",
-                       help="every mispredicted item of class TRUE that the model calls PREDICTED, traced together")
+                       help="every mispredicted item of class TRUE that the model calls PREDICTED, traced together "
+                       "(e.g. --confusion square:circle)")
+    p.add_argument("--if-dropped", choices=["closed", "refit"], default=None,
+                   help="also answer what dropping the culprits would do to the traced items: in closed form, "
+                   "or by actually re-fine-tuning")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--plain", action="store_true", help="rank by plain influence instead of the relative score")
     p.add_argument("--rank-by", default="total", choices=["total", "positive"],

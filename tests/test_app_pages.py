@@ -199,14 +199,14 @@ def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pyt
     monkeypatch.setattr(ecif, "trace", fake_trace)
     item = run.mispredictions().query("not correct")["uid"].iloc[0]
     at = app(run, "mispredictions", item=item)
-    assert not at.exception and calls == [(item, 8, True, "total")]
+    assert not at.exception and calls == [([item], 8, True, "total")]
     cards = " ".join(element.value for element in at.get("html"))
     assert "score -1.23" in cards and "-0.713" in cards and "+0.064" in cards  # the trace's score and role bars
     at.radio(key="mp_rank_by").set_value("positive role only (own caption)").run()
-    assert not at.exception and calls[-1] == (item, 8, True, "positive")
+    assert not at.exception and calls[-1] == ([item], 8, True, "positive")
     assert any("through their own caption" in header.value for header in at.subheader)
     at.toggle(key="mp_relative").set_value(False).run()
-    assert not at.exception and calls[-1] == (item, 8, False, "positive")
+    assert not at.exception and calls[-1] == ([item], 8, False, "positive")
     culprit_drops = [b for b in at.button if b.key and b.key.startswith("trace_culprit_drop_")]
     assert len(culprit_drops) == 3
     culprit_drops[0].click().run()
@@ -229,16 +229,52 @@ def test_a_confusion_is_traced_together_and_kept_in_the_url(run, monkeypatch: py
     monkeypatch.setattr(ecif, "trace", fake_trace)
     first = confusions(run).iloc[0]
     key, uids = f"{first.label}:{first.predicted}", confusion_items(run, first.label, first.predicted)
-    expected = uids if len(uids) > 1 else uids[0]
     at = app(run, "mispredictions", item=str(run.mispredictions()["uid"].iloc[-1]))
     at.selectbox(key="mp_confusion").set_value(key).run()
-    assert not at.exception and calls[-1] == expected
+    assert not at.exception and calls[-1] == uids
     assert at.query_params["confusion"] == key and "item" not in at.query_params
-    assert any(f"{len(uids)} items of class {first.label} predicted as {first.predicted}" in m.value for m in at.markdown)
-    reloaded = app(run, "mispredictions", confusion=key)  # a shared link opens the same trace
-    assert not reloaded.exception and calls[-1] == expected
+    assert any(f"of class {first.label} predicted as {first.predicted}" in m.value for m in at.markdown)
+    calls.clear()
+    # A shared link opens the same trace; one with both parameters opens the confusion and forgets the item.
+    reloaded = app(run, "mispredictions", confusion=key, item=str(run.mispredictions()["uid"].iloc[-1]))
+    assert not reloaded.exception and calls == [uids] and "item" not in reloaded.query_params
     reloaded.selectbox(key="mp_confusion").set_value(None).run()
     assert not reloaded.exception and "confusion" not in reloaded.query_params
+    assert calls == [uids]  # nothing traced once the confusion is cleared
+
+
+def test_culprits_are_dropped_together_after_seeing_the_predicted_effect(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ecif
+
+    scores = run.scores().sort_values("influence")
+    culprit_rows = scores["row"].head(3).tolist()
+
+    def fake_trace(run_, uid, top_k=20, relative=True, rank_by="total"):
+        return pd.concat([scores.head(3).assign(role="culprit"), scores.tail(2).assign(role="supporter")]).assign(
+            score=[-3.0, -2.0, -1.0, 1.0, 2.0])[["row", "uid", "influence", "influence_pos", "influence_neg", "score", "role"]]
+
+    asked = []
+
+    def fake_predict_items(run_, uids, drop_rows=(), relabel=None, refit=False):
+        asked.append((uids, list(drop_rows), refit))
+        return pd.DataFrame({"uid": uids, "label": ["square"], "predicted_before": ["circle"], "predicted_after": ["square"],
+                             "loss_before": [2.5], "loss_after": [0.25 if refit else 0.5]})
+
+    monkeypatch.setattr(ecif, "trace", fake_trace)
+    monkeypatch.setattr(ecif, "predict_items", fake_predict_items)
+    item = run.mispredictions().query("not correct")["uid"].iloc[0]
+    at = app(run, "mispredictions", item=item)
+    at.button(key="mp_effect_closed").click().run()
+    assert not at.exception and asked == [([item], culprit_rows, False)]
+    assert any("Closed form" in m.value and "2.500 → 0.500" in m.value and "0 → 1" in m.value for m in at.markdown)
+    at.button(key="mp_effect_refit").click().run()
+    assert not at.exception and asked[-1] == ([item], culprit_rows, True)
+    assert any("Re-fine-tuned" in m.value and "2.500 → 0.250" in m.value for m in at.markdown)
+    assert at.button(key="mp_drop_go").disabled and open_store(run).current_state().empty  # not until confirmed
+    at.checkbox(key="mp_drop_confirm").check().run()
+    at.button(key="mp_drop_go").click().run()
+    assert not at.exception
+    assert (open_store(run).current_state().set_index("row").loc[culprit_rows, "status"] == "dropped").all()
 
 
 def test_whatif_passes_decisions_to_the_engine(run, monkeypatch: pytest.MonkeyPatch) -> None:

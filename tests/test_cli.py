@@ -88,9 +88,16 @@ def test_reporting_commands_on_the_demo_run(scored_demo_run, capsys):
     if wrong:
         confusion = f"{wrong[0]['label']}:{wrong[0]['predicted']}"
         joint = _json(capsys, ["trace", "--run", run, "--confusion", confusion, "--top-k", "5", "--json"])
-        assert wrong[0]["uid"] in joint["item"] and len(joint["pairs"]) == 10
-        assert all(w["label"] == wrong[0]["label"] and w["predicted"] == wrong[0]["predicted"]
-                   for w in wrong if w["uid"] in joint["item"])
+        assert isinstance(joint["items"], list) and wrong[0]["uid"] in joint["items"] and len(joint["pairs"]) == 10
+        same = [w["uid"] for w in wrong if (w["label"], w["predicted"]) == (wrong[0]["label"], wrong[0]["predicted"])]
+        assert sorted(joint["items"]) == sorted(same)
+        fixed = _json(capsys, ["trace", "--run", run, "--confusion", confusion, "--rank-by", "positive", "--plain",
+                               "--top-k", "20", "--if-dropped", "closed", "--json"])
+        effect = pd.DataFrame(fixed["if_dropped"]["items"])
+        assert len(fixed["if_dropped"]["rows"]) == 20 and sorted(effect["uid"]) == sorted(fixed["items"])
+        assert effect["loss_after"].mean() < effect["loss_before"].mean()  # dropping positive-role culprits helps
+        twice = _json(capsys, ["trace", "--run", run, "--item", uid, "--item", uid, "--top-k", "5", "--json"])
+        assert twice["item"] == uid  # a uid given twice is traced once
     assert main(["trace", "--run", run, "--confusion", "square"]) == 1
 
 

@@ -248,3 +248,13 @@ def test_manifest_subset_takes_the_first_rows_of_each_split_with_absolute_paths(
     with pytest.raises(ValueError, match=r"manifest\.csv: the count for split 'test' must be at least 1, got 0"):
         write_manifest_subset(source / "manifest.csv", tmp_path / "other", {"test": 0})
     assert not (tmp_path / "other").exists()  # refused before writing anything
+    with pytest.raises(ValueError, match="would overwrite its own manifest"):
+        write_manifest_subset(source / "manifest.csv", source, {"train": 1})
+    assert len(pd.read_csv(source / "manifest.csv")) == len(records)
+
+    # Without uids, the subset's rows keep the names the loader gives them in the full manifest.
+    records.drop(columns="uid").to_csv(source / "no-uids.csv", index=False)
+    renamed = write_manifest_subset(source / "no-uids.csv", tmp_path / "no-uids", {"val": 2})
+    full = load_manifest(source / "no-uids.csv").frame.set_index("uid")["filepath"]
+    part = load_manifest(renamed).frame.set_index("uid")["filepath"]
+    assert part.index.tolist() == ["row2", "row6"] and (full.loc[part.index] == part).all()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from ecif.curation.review import actionable_rows
 from ecif.run import MISPREDICTIONS_FILE
+from ecif.tasks.trace import parse_confusion
 
-from views.common import ENGINE_SPINNER, Context, card_grid, engine_call, read_frame
+from views.common import ENGINE_SPINNER, Context, act, card_grid, engine_call, read_frame
 
 RANKINGS = {"total effect (both roles)": "total", "positive role only (own caption)": "positive"}
 
@@ -26,14 +28,16 @@ def render(ctx: Context) -> None:
     columns = ["uid", "label", "predicted", "prob_true", "prob_predicted", "loss", "caption", "split"]
 
     def item_picked() -> None:
-        rows = st.session_state["mp_table"].selection.rows
+        rows = st.session_state[table_key].selection.rows
         if rows:
             # Kept in the URL (?item=uid) so a traced misprediction can be shared and reloaded.
             st.query_params["item"] = str(shown["uid"].iloc[rows[0]])
             st.query_params.pop("confusion", None)
             st.session_state["mp_confusion"] = None
 
-    st.dataframe(shown[[c for c in columns if c in shown.columns]], key="mp_table", on_select=item_picked,
+    # A new key clears the table's highlighted row when a confusion takes over (see _chosen_target).
+    table_key = f"mp_table_{st.session_state.get('mp_table_version', 0)}_{show_all}"
+    st.dataframe(shown[[c for c in columns if c in shown.columns]], key=table_key, on_select=item_picked,
                  selection_mode="single-row", hide_index=True, width="stretch")
     target = _chosen_target(ctx, items)
     if target is None:
@@ -55,8 +59,7 @@ def render(ctx: Context) -> None:
         st.warning("The engine's `ecif.trace` is not available in this installation.")
         return
     with st.spinner(ENGINE_SPINNER.format(name="trace")):
-        found = trace(ctx.run, uids if len(uids) > 1 else uids[0], top_k=int(top_k), relative=relative,
-                      rank_by=RANKINGS[ranking])
+        found = trace(ctx.run, uids, top_k=int(top_k), relative=relative, rank_by=RANKINGS[ranking])
     whose = "this item's" if len(uids) == 1 else f"these {len(uids)} items' mean"
     st.caption(f"Bars: each pair's effect on **{whose}** loss if it were removed, through its own caption "
                "(pos) and as a negative in the softmax of its batch (neg); red = removing it would lower the "
@@ -73,6 +76,37 @@ def render(ctx: Context) -> None:
         pairs = ctx.table.loc[rows["row"]].drop(columns="rank", errors="ignore").assign(
             **{column: rows[column].to_numpy() for column in ("score", "influence_pos", "influence_neg")})
         card_grid(ctx, pairs, key=f"trace_{role}", columns=4, scale=scale, extra_column="score")
+        if role == "culprit":
+            _drop_culprits(ctx, uids, rows["row"].tolist())
+
+
+def _drop_culprits(ctx: Context, uids: list[str], rows: list[int]) -> None:
+    """One action for the culprits shown, with the predicted effect on the traced items first."""
+    pending = actionable_rows(ctx.table.loc[rows], "drop")
+    with st.popover(f"Drop these culprits · {len(pending)} pairs", disabled=not pending):
+        predict_items = engine_call("predict_items")
+        key = (tuple(uids), tuple(pending))
+        # name, re-fine-tune?, button, how the answer was obtained
+        methods = (("closed", False, "Predict the effect on the traced items", "Closed form"),
+                   ("refit", True, "Verify by re-fine-tuning", "Re-fine-tuned"))
+        for column, (name, refit, label, _) in zip(st.columns(2), methods):
+            if predict_items is not None and column.button(label, key=f"mp_effect_{name}"):
+                with st.spinner(ENGINE_SPINNER.format(name="predict_items")):
+                    st.session_state[f"mp_outcome_{name}"] = (key, predict_items(ctx.run, uids, drop_rows=pending, refit=refit))
+        for name, _, _, method in methods:
+            stored = st.session_state.get(f"mp_outcome_{name}")
+            if stored is None or stored[0] != key:
+                continue
+            effect = stored[1]
+            right = (effect["predicted_before"] == effect["label"]).sum(), (effect["predicted_after"] == effect["label"]).sum()
+            st.markdown(f"{method}: mean loss of the {plural(len(effect), 'traced item')} "
+                        f"**{effect['loss_before'].mean():.3f} → {effect['loss_after'].mean():.3f}** nats; right "
+                        f"**{right[0]} → {right[1]}** of {len(effect)}.")
+        confirmed = st.checkbox(f"Drop these {len(pending)} pairs", key="mp_drop_confirm")
+        if st.button(f"Drop {len(pending)} pairs", key="mp_drop_go", type="primary", disabled=not confirmed):
+            act(ctx, "drop", pending)
+            st.session_state.pop("mp_drop_confirm", None)
+            st.rerun()
 
 
 def _chosen_target(ctx: Context, items):
@@ -80,7 +114,7 @@ def _chosen_target(ctx: Context, items):
     confusions, confusion_items = engine_call("confusions"), engine_call("confusion_items")
     counts = confusions(ctx.run) if confusions is not None else None
     if counts is not None and len(counts):
-        labels = {f"{c.label}:{c.predicted}": f"{c.label} → {c.predicted} ({c.items} item{'s' if c.items != 1 else ''})"
+        labels = {f"{c.label}:{c.predicted}": f"{c.label} → {c.predicted} ({plural(c.mistakes, 'item')})"
                   for c in counts.itertuples()}
 
         def confusion_picked() -> None:
@@ -91,8 +125,11 @@ def _chosen_target(ctx: Context, items):
             else:
                 st.query_params["confusion"] = picked
                 st.query_params.pop("item", None)
+                st.session_state["mp_table_version"] = st.session_state.get("mp_table_version", 0) + 1
 
         current = st.query_params.get("confusion")
+        if current is not None:
+            st.query_params.pop("item", None)  # a link with both opens the confusion; clearing it must not revive the item
         st.session_state["mp_confusion"] = current if current in labels else None
         st.selectbox(
             "Or trace a confusion: every item of one class that the model calls another, together", [None, *labels],
@@ -100,13 +137,13 @@ def _chosen_target(ctx: Context, items):
             help="The culprits of these items' mean loss: the pairs behind the pattern rather than behind one item's quirks.")
     confusion = st.query_params.get("confusion")
     if confusion is not None and confusion_items is not None:
-        label, _, predicted = confusion.partition(":")
         try:
+            label, predicted = parse_confusion(confusion)
             uids = confusion_items(ctx.run, label, predicted)
         except ValueError as error:
             st.warning(str(error))
             return None
-        st.markdown(f"**{len(uids)} items of class {label} predicted as {predicted}**, traced together (their mean loss)")
+        st.markdown(f"**{plural(len(uids), 'item')} of class {label} predicted as {predicted}**, traced together (their mean loss)")
         thumbnails = st.columns(8)
         paths = items.set_index(items["uid"].astype(str)).loc[uids[:8], "filepath"]
         for column, path in zip(thumbnails, paths):
@@ -122,3 +159,7 @@ def _chosen_target(ctx: Context, items):
     right.markdown(f"**True:** {item['label']} · **predicted:** {item['predicted']} "
                    f"({item['prob_predicted']:.2f}; true class {item['prob_true']:.2f})")
     return [str(item["uid"])], right
+
+
+def plural(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"

@@ -467,9 +467,12 @@ def write_manifest_subset(
     ``manifest_path``: an ordinary manifest file or folder (not shards); rows are not validated (see
     :func:`load_manifest`), and a row without a split counts as ``"train"``, as there.
 
+    A manifest without a uid column gets one in the subset, naming each row as the loader names it
+    in the full manifest (``row{n}``), so uids keep meaning the same images.
+
     Returns the path of the written manifest.  Raises :class:`ManifestError` (a ``ValueError``)
     naming the file and the split when a split of ``counts`` has no rows in the manifest or its
-    count is below 1, or when the manifest cannot be read.
+    count is below 1, when ``out_folder`` is the manifest's own folder, or when the manifest cannot be read.
     """
     raw, source, _ = _read_source(Path(manifest_path).expanduser().resolve())
     base = source if source.is_dir() else source.parent
@@ -485,12 +488,17 @@ def write_manifest_subset(
             raise ManifestError(f"{source}: no rows of split {split!r} (splits present: {present})")
         parts.append(raw[splits == split].head(count))
     subset = pd.concat(parts)
+    if _canonical_source(list(raw.columns), "uid") is None:
+        # The loader names uid-less rows by their position; keep the full manifest's names.
+        subset.insert(0, "uid", [f"row{position + 1}" for position in raw.index.get_indexer(subset.index)])
     filepath_column = _canonical_source(list(raw.columns), "filepath")
     if filepath_column is not None:
         subset[filepath_column] = [_resolve(base, path) for path in _text_values(subset[filepath_column])]
     folder = Path(out_folder)
-    folder.mkdir(parents=True, exist_ok=True)
     written = folder / "manifest.csv"
+    if written.resolve() == source.resolve() or folder.resolve() == base.resolve():
+        raise ManifestError(f"{source}: the subset would overwrite its own manifest; choose another folder than {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
     subset.to_csv(written, index=False, lineterminator="\n")
     if (base / CLASSES_FILE_NAME).is_file():
         shutil.copy(base / CLASSES_FILE_NAME, folder / CLASSES_FILE_NAME)

@@ -7,6 +7,9 @@ side, from cheapest to most expensive:
   loss and zero-shot accuracy evaluated there.
 - :func:`apply_edit` — Newton step(s) on the reduced objective; writes a real edited checkpoint.
 - :func:`verify_by_refit` — actually re-fine-tunes the heads on the cleaned data (ground truth).
+
+:func:`predict_items` answers the same question for a few labelled items (a traced mistake, a
+confusion): would they be right after the edit?
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
 from ecif.influence.scores import newton_edit, predicted_step, reduced_problem
-from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy
+from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy, zero_shot_logits
 from ecif.models.heads import finetune_heads, write_scope
 from ecif.run import Run, atomic_write_json
 from ecif.tasks.engine import Engine, load_engine, split_rows
+from ecif.tasks.trace import item_uids, labelled_rows
 
 EDITED_DIR = "edited"
 EDITED_CHECKPOINT = "model.safetensors"
@@ -154,3 +159,35 @@ def verify_by_refit(run: Run | str, drop_rows=(), relabel: dict[int, str] | None
     drop, new_text = _edit_inputs(engine, drop_rows, relabel)
     theta, _ = finetune_heads(reduced_problem(engine.problem, drop, new_text), engine.theta, engine.finetune)
     return _result("re-fine-tuned", engine, drop, new_text, theta, started)
+
+
+def predict_items(
+    run: Run | str, uids, drop_rows=(), relabel: dict[int, str] | None = None, refit: bool = False
+) -> pd.DataFrame:
+    """Zero-shot answers for labelled items before and after dropping/relabelling pairs.
+
+    After: the closed form ``θ̂ + Δθ`` (group estimate, as :func:`predict_edit`; about a second), or
+    with ``refit=True`` the heads actually re-fine-tuned on the edited data (as :func:`verify_by_refit`).
+    One row per item (sorted by manifest row): ``uid``, ``label``, and for ``before``/``after``:
+    ``predicted_*``, ``prob_true_*``, ``loss_*`` (nats); ``fixed`` (wrong before, right after) and
+    ``broken`` (right before, wrong after).
+    """
+    engine = load_engine(run)
+    rows, labels = labelled_rows(engine, item_uids(uids))
+    drop, new_text = _edit_inputs(engine, drop_rows, relabel)
+    if refit:
+        after, _ = finetune_heads(reduced_problem(engine.problem, drop, new_text), engine.theta, engine.finetune)
+    else:
+        after = engine.theta + predicted_step(engine.problem, engine.theta, engine.solver, drop, new_text)
+    names = np.asarray(engine.prompts.names, dtype=object)
+    positions, true = np.arange(len(rows)), np.asarray(labels)
+    table = pd.DataFrame({"uid": engine.manifest["uid"].iloc[list(rows)].astype(str).to_numpy(), "label": names[true]})
+    for moment, theta in (("before", engine.theta), ("after", after)):
+        with torch.no_grad():
+            probabilities = torch.softmax(zero_shot_logits(engine.scope, theta, engine.image_tensor(np.asarray(rows)), engine.prompts), dim=1).numpy()
+        table[f"predicted_{moment}"] = names[probabilities.argmax(axis=1)]
+        table[f"prob_true_{moment}"] = probabilities[positions, true]
+        table[f"loss_{moment}"] = -np.log(np.maximum(probabilities[positions, true], 1e-300))
+    right_before, right_after = table["predicted_before"] == table["label"], table["predicted_after"] == table["label"]
+    table["fixed"], table["broken"] = ~right_before & right_after, right_before & ~right_after
+    return table

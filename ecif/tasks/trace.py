@@ -26,7 +26,7 @@ import torch
 
 from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_of, influence_on, relative_influence
 from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
-from ecif.run import Run
+from ecif.run import MISPREDICTIONS_FILE, Run
 from ecif.tasks.engine import Engine, load_engine, split_rows
 from ecif.tasks.evaluate import influence_table
 
@@ -105,7 +105,8 @@ def trace(
     ``uid`` may be a list: the test function is then the items' mean zero-shot loss (one solve), and
     the culprits are the pairs behind what the items share, such as a confusion (see
     :func:`confusion_items`), rather than behind one item's quirks.  bench/trace measured the planted
-    share of a confusion's top-10 positive-role culprits at 1.0 where single items averaged 0.70.
+    share of a confusion's top-10 positive-role culprits at 1.0 where single items averaged 0.70
+    (every red square captioned "circle"; demo backbone).  A uid listed twice counts once.
     """
     for name, value, allowed in (("rank_by", rank_by, get_args(RankBy)), ("norm", norm, get_args(StepNorm))):
         if value not in allowed:
@@ -113,7 +114,7 @@ def trace(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     engine = load_engine(run)
-    rows, labels = _labelled_rows(engine, [uid] if isinstance(uid, str) else list(uid))
+    rows, labels = labelled_rows(engine, item_uids(uid))
     table = influence_table(engine, _item_influence(engine, rows, labels))
     step_norms = _step_norms(engine, norm)
     table["relative_influence"] = relative_influence(table["influence"].to_numpy(), step_norms)
@@ -128,8 +129,24 @@ def trace(
     return pd.concat([result, details], axis=1)
 
 
-def _labelled_rows(engine: Engine, uids: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Manifest rows and class indices of the items (sorted by row), with a clear error for any that cannot be traced."""
+def item_uids(uid: str | int | Sequence[str | int]) -> list[str]:
+    """One uid or several, as a list of strings (a uid may be a number in the manifest)."""
+    return [str(uid)] if isinstance(uid, (str, int, np.integer)) else [str(value) for value in uid]
+
+
+def parse_confusion(text: str) -> tuple[str, str]:
+    """``"TRUE:PREDICTED"`` → ``(true class, predicted class)``; the last colon splits, so a class name may hold one."""
+    label, separator, predicted = str(text).rpartition(":")
+    if not separator or not label or not predicted:
+        raise ValueError(f"a confusion is written TRUE:PREDICTED (two class names), got {text!r}")
+    return label, predicted
+
+
+def labelled_rows(engine: Engine, uids: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Manifest rows and zero-shot class indices of labelled items (sorted by row, each once).
+
+    Raises ``KeyError`` for an unknown uid and ``ValueError`` for an item without a zero-shot class.
+    """
     if not uids:
         raise ValueError("trace needs at least one item uid")
     positions = {value: row for row, value in enumerate(engine.manifest["uid"].astype(str).to_numpy())}
@@ -149,15 +166,16 @@ def confusion_items(run: Run | str, label: str, predicted: str) -> list[str]:
     table = mispredictions(run)
     chosen = table[(table["label"].astype(str) == str(label)) & (table["predicted"].astype(str) == str(predicted))]
     if chosen.empty:
-        raise ValueError(f"no mispredicted item of class {label!r} is predicted as {predicted!r}")
+        present = ", ".join(f"{row.label}:{row.predicted}" for row in confusions(run).head(20).itertuples()) or "none"
+        raise ValueError(f"no mispredicted item of class {label!r} is predicted as {predicted!r} (confusions: {present})")
     return chosen.sort_values("loss", ascending=False)["uid"].astype(str).tolist()
 
 
 def confusions(run: Run | str) -> pd.DataFrame:
-    """Counts of mispredictions per (true ``label``, ``predicted``) class pair, most frequent first."""
+    """Mispredictions per (true ``label``, ``predicted``) class pair, column ``mistakes``, most frequent first."""
     table = mispredictions(run)
-    counts = table.groupby(["label", "predicted"], as_index=False).size().rename(columns={"size": "items"})
-    return counts.sort_values(["items", "label", "predicted"], ascending=[False, True, True], ignore_index=True)
+    counts = table.groupby(["label", "predicted"], as_index=False).size().rename(columns={"size": "mistakes"})
+    return counts.sort_values(["mistakes", "label", "predicted"], ascending=[False, True, True], ignore_index=True)
 
 
 #: Items whose influence tables an engine keeps: switching a trace's ranking or norm, or coming back
@@ -203,7 +221,15 @@ def _self_influence(engine: Engine) -> np.ndarray:
 
 
 def mispredictions(run: Run | str) -> pd.DataFrame:
-    """The labelled test/trusted items the model gets wrong (from the run's cached table)."""
+    """The labelled test/trusted items the model gets wrong, worst first.
+
+    From the run's cached table; a run stopped before the pipeline's mispredictions stage gets it
+    computed here (one forward pass of the heads).
+    """
     run = run if isinstance(run, Run) else Run(run)
-    table = run.mispredictions()
+    if run.has(MISPREDICTIONS_FILE):
+        table = run.mispredictions()
+    else:
+        settings = run.info.get("settings", {})
+        table = zero_shot_table(run, splits=[settings.get("test_split", "test"), settings.get("trusted_split", "val")])
     return table[~table["correct"]].reset_index(drop=True)
