@@ -139,10 +139,10 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
 
     import ecif
     from ecif.influence.scores import gradient_of, predicted_step
-    from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
+    from ecif.influence.test_functions import zero_shot_loss
     from ecif.paths import text_sha256
     from ecif.tasks.engine import load_engine
-    from ecif.tasks.trace import labelled_rows
+    from ecif.tasks.trace import labelled_rows, zero_shot_answers
     from fidelity import RetrainCache, correlations, retrain
 
     engine = load_engine(run)
@@ -160,21 +160,21 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
         return torch.load(theta_path, weights_only=True)
 
     def loss_of(items) -> tuple:
+        """The items' rows, class indices and mean zero-shot loss."""
         rows, labels = labelled_rows(engine, items["uid"].tolist())
-        image, labels = engine.image_tensor(np.asarray(rows)), torch.tensor(labels)
-        return image, labels, zero_shot_loss(engine.scope, image, labels, engine.prompts)
+        loss = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray(rows)), torch.tensor(labels), engine.prompts)
+        return rows, labels, loss
 
     def remove_each_top_k(items, tables: dict) -> list[dict]:
         """Each ranking's top-k culprits removed at once: predicted and actual change of the items' mean loss."""
-        image, labels, loss = loss_of(items)
+        rows, labels, loss = loss_of(items)
         base, gradient = float(loss(engine.theta)), gradient_of(loss, engine.theta)
         answers = []
         for name, table in tables.items():
             culprits = table[table["role"] == "culprit"]
             theta = refit(culprits["row"].to_numpy())
             step = predicted_step(engine.problem, engine.theta, engine.solver, engine.problem_index(culprits["row"]))
-            with torch.no_grad():
-                right = int((zero_shot_logits(engine.scope, theta, image, engine.prompts).argmax(dim=1) == labels).sum())
+            right = int(zero_shot_answers(engine, theta, np.asarray(rows), np.asarray(labels))["correct"].sum())
             answers.append({"items": len(items), "ranking": name, "planted": float(culprits["corrupted"].astype(bool).mean()),
                             "predicted": float(gradient @ step), "actual": float(loss(theta)) - base, "right_after": right})
         return answers

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from ecif.influence.scores import newton_edit, predicted_step, reduced_problem
-from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy, zero_shot_logits
+from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy
 from ecif.models.heads import finetune_heads, write_scope
 from ecif.run import Run, atomic_write_json
 from ecif.tasks.engine import Engine, load_engine, split_rows
-from ecif.tasks.trace import item_uids, labelled_rows
+from ecif.tasks.trace import item_uids, labelled_rows, zero_shot_answers
 
 EDITED_DIR = "edited"
 EDITED_CHECKPOINT = "model.safetensors"
@@ -169,8 +169,8 @@ def predict_items(
     After: the closed form ``θ̂ + Δθ`` (group estimate, as :func:`predict_edit`; about a second), or
     with ``refit=True`` the heads actually re-fine-tuned on the edited data (as :func:`verify_by_refit`).
     One row per item (sorted by manifest row): ``uid``, ``label``, and for ``before``/``after``:
-    ``predicted_*``, ``prob_true_*``, ``loss_*`` (nats); ``fixed`` (wrong before, right after) and
-    ``broken`` (right before, wrong after).
+    ``predicted_*``, ``prob_true_*``, ``loss_*`` (nats), ``correct_*``; ``fixed`` (wrong before,
+    right after) and ``broken`` (right before, wrong after).
     """
     engine = load_engine(run)
     rows, labels = labelled_rows(engine, item_uids(uids))
@@ -179,15 +179,13 @@ def predict_items(
         after, _ = finetune_heads(reduced_problem(engine.problem, drop, new_text), engine.theta, engine.finetune)
     else:
         after = engine.theta + predicted_step(engine.problem, engine.theta, engine.solver, drop, new_text)
-    names = np.asarray(engine.prompts.names, dtype=object)
-    positions, true = np.arange(len(rows)), np.asarray(labels)
-    table = pd.DataFrame({"uid": engine.manifest["uid"].iloc[list(rows)].astype(str).to_numpy(), "label": names[true]})
+    table = pd.DataFrame({"uid": engine.manifest["uid"].iloc[list(rows)].astype(str).to_numpy()})
     for moment, theta in (("before", engine.theta), ("after", after)):
-        with torch.no_grad():
-            probabilities = torch.softmax(zero_shot_logits(engine.scope, theta, engine.image_tensor(np.asarray(rows)), engine.prompts), dim=1).numpy()
-        table[f"predicted_{moment}"] = names[probabilities.argmax(axis=1)]
-        table[f"prob_true_{moment}"] = probabilities[positions, true]
-        table[f"loss_{moment}"] = -np.log(np.maximum(probabilities[positions, true], 1e-300))
-    right_before, right_after = table["predicted_before"] == table["label"], table["predicted_after"] == table["label"]
-    table["fixed"], table["broken"] = ~right_before & right_after, right_before & ~right_after
+        answers = zero_shot_answers(engine, theta, np.asarray(rows), np.asarray(labels))
+        table["label"] = answers["label"]
+        for name in ("predicted", "prob_true", "loss"):
+            table[f"{name}_{moment}"] = answers[name]
+        table[f"correct_{moment}"] = answers["correct"]
+    table["fixed"] = ~table["correct_before"] & table["correct_after"]
+    table["broken"] = table["correct_before"] & ~table["correct_after"]
     return table

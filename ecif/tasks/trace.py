@@ -23,6 +23,7 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_of, influence_on, relative_influence
 from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
@@ -56,28 +57,30 @@ def zero_shot_table(run: Run | str, splits: list[str]) -> pd.DataFrame:
     items = engine.manifest.iloc[rows]
     classes = _class_index(engine, items["label"])
     rows, items, classes = rows[classes >= 0], items[classes >= 0], classes[classes >= 0]
-    with torch.no_grad():
-        logits = zero_shot_logits(engine.scope, engine.theta, engine.image_tensor(rows), engine.prompts)
-        probabilities = torch.softmax(logits, dim=1).numpy()
-    predicted = probabilities.argmax(axis=1)
-    names = np.asarray(engine.prompts.names, dtype=object)
-    positions = np.arange(len(rows))
-    table = pd.DataFrame(
-        {
-            "row": rows,
-            "uid": items["uid"].to_numpy(),
-            "filepath": items["filepath"].to_numpy(),
-            "caption": items["caption"].to_numpy(),
-            "split": items["split"].to_numpy(),
-            "label": names[classes],
-            "predicted": names[predicted],
-            "prob_true": probabilities[positions, classes],
-            "prob_predicted": probabilities[positions, predicted],
-            "loss": -np.log(np.maximum(probabilities[positions, classes], 1e-300)),
-            "correct": predicted == classes,
-        }
-    )
+    details = {name: items[name].to_numpy() for name in ("uid", "filepath", "caption", "split")}
+    table = pd.DataFrame({"row": rows, **details, **zero_shot_answers(engine, engine.theta, rows, classes)})
     return table.sort_values(["correct", "loss"], ascending=[True, False]).reset_index(drop=True)
+
+
+def zero_shot_answers(engine: Engine, theta: Tensor, rows: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+    """Zero-shot answers under heads ``theta`` for manifest ``rows`` whose true class indices are ``classes``.
+
+    Arrays ``[k]``: ``label`` and ``predicted`` (class names), ``prob_true``, ``prob_predicted``,
+    ``loss`` (cross-entropy in nats) and ``correct``.
+    """
+    with torch.no_grad():
+        logits = zero_shot_logits(engine.scope, theta, engine.image_tensor(np.asarray(rows)), engine.prompts)
+        probabilities = torch.softmax(logits, dim=1).numpy()
+    classes, predicted = np.asarray(classes), probabilities.argmax(axis=1)
+    names, positions = np.asarray(engine.prompts.names, dtype=object), np.arange(len(classes))
+    return {
+        "label": names[classes],
+        "predicted": names[predicted],
+        "prob_true": probabilities[positions, classes],
+        "prob_predicted": probabilities[positions, predicted],
+        "loss": -np.log(np.maximum(probabilities[positions, classes], 1e-300)),
+        "correct": predicted == classes,
+    }
 
 
 def trace(
