@@ -153,8 +153,9 @@ def test_a_confusion_is_traced_as_its_items_mean_loss(run):
         return table[table.role == "culprit"].set_index("row")["influence"].sort_index()
 
     # The test function is the items' mean loss, so a pair's influence is the mean of its per-item influences.
-    mean = sum(influence(uid) for uid in uids) / len(uids)
-    assert np.allclose(influence(uids), mean, rtol=1e-8, atol=1e-14)
+    some = uids[:4]
+    mean = sum(influence(uid) for uid in some) / len(some)
+    assert np.allclose(influence(some), mean, rtol=1e-8, atol=1e-14)
     assert ecif.trace(run, list(reversed(uids)), top_k=5).equals(ecif.trace(run, uids, top_k=5))  # order does not matter
     with pytest.raises(ValueError, match=f"no mispredicted item.*confusions: {label}:{predicted}"):
         confusion_items(run, label, label)
