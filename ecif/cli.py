@@ -339,7 +339,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         culprits = table.loc[table["role"] == "culprit", "row"].tolist()
         effect = predict_items(run, items, drop_rows=culprits, refit=args.if_dropped == "refit")
         traced["if_dropped"] = {"method": args.if_dropped, "rows": culprits, "items": effect}
-        right = [int((effect[f"predicted_{moment}"] == effect["label"]).sum()) for moment in ("before", "after")]
+        right = [int(effect[f"correct_{moment}"].sum()) for moment in ("before", "after")]
         text += (f"\n\nif these {_count(len(culprits), 'culprit')} were dropped ({'re-fine-tuned' if args.if_dropped == 'refit' else 'closed form'}): "
                  f"mean loss {effect['loss_before'].mean():.4f} -> {effect['loss_after'].mean():.4f} nats, "
                  f"right {right[0]} -> {right[1]} of {len(effect)}")

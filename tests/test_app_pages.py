@@ -258,6 +258,7 @@ def test_culprits_are_dropped_together_after_seeing_the_predicted_effect(run, mo
     def fake_predict_items(run_, uids, drop_rows=(), relabel=None, refit=False):
         asked.append((uids, list(drop_rows), refit))
         return pd.DataFrame({"uid": uids, "label": ["square"], "predicted_before": ["circle"], "predicted_after": ["square"],
+                             "correct_before": [False], "correct_after": [True],
                              "loss_before": [2.5], "loss_after": [0.25 if refit else 0.5]})
 
     monkeypatch.setattr(ecif, "trace", fake_trace)

@@ -98,7 +98,7 @@ def _drop_culprits(ctx: Context, uids: list[str], rows: list[int]) -> None:
             if stored is None or stored[0] != key:
                 continue
             effect = stored[1]
-            right = (effect["predicted_before"] == effect["label"]).sum(), (effect["predicted_after"] == effect["label"]).sum()
+            right = effect["correct_before"].sum(), effect["correct_after"].sum()
             st.markdown(f"{method}: mean loss of the {plural(len(effect), 'traced item')} "
                         f"**{effect['loss_before'].mean():.3f} → {effect['loss_after'].mean():.3f}** nats; right "
                         f"**{right[0]} → {right[1]}** of {len(effect)}.")

@@ -117,6 +117,11 @@ class Engine:
                 self.__dict__["_solver"] = solver
             return self.__dict__["_solver"]
 
+    @cached_property
+    def row_of_uid(self) -> dict[str, int]:
+        """Manifest uid (as text) → manifest row; built once, since every trace-back call looks items up."""
+        return {uid: row for row, uid in enumerate(self.manifest["uid"].astype(str).to_numpy())}
+
     def problem_index(self, rows: list[int] | np.ndarray) -> np.ndarray:
         """Manifest rows → positions in the training problem (error for rows not in training)."""
         lookup = {int(row): position for position, row in enumerate(self.train_rows)}

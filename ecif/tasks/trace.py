@@ -152,7 +152,7 @@ def labelled_rows(engine: Engine, uids: list[str]) -> tuple[tuple[int, ...], tup
     """
     if not uids:
         raise ValueError("trace needs at least one item uid")
-    positions = {value: row for row, value in enumerate(engine.manifest["uid"].astype(str).to_numpy())}
+    positions = engine.row_of_uid
     missing = [str(uid) for uid in uids if str(uid) not in positions]
     if missing:
         raise KeyError(f"no item with uid {', '.join(map(repr, missing[:5]))} in {engine.run.directory}")
