@@ -139,10 +139,9 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
 
     import ecif
     from ecif.influence.scores import gradient_of, predicted_step
-    from ecif.influence.test_functions import zero_shot_loss
     from ecif.paths import text_sha256
     from ecif.tasks.engine import load_engine
-    from ecif.tasks.trace import labelled_rows, zero_shot_answers
+    from ecif.tasks.trace import item_answers, item_targets, items_loss
     from fidelity import RetrainCache, correlations, retrain
 
     engine = load_engine(run)
@@ -160,21 +159,20 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
         return torch.load(theta_path, weights_only=True)
 
     def loss_of(items) -> tuple:
-        """The items' rows, class indices and mean zero-shot loss."""
-        rows, labels = labelled_rows(engine, items["uid"].tolist())
-        loss = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray(rows)), torch.tensor(labels), engine.prompts)
-        return rows, labels, loss
+        """The items' questions (ecif.tasks.trace.Items) and their mean zero-shot loss."""
+        targets = item_targets(engine, items["uid"].tolist())
+        return targets, items_loss(engine, targets)
 
     def remove_each_top_k(items, tables: dict) -> list[dict]:
         """Each ranking's top-k culprits removed at once: predicted and actual change of the items' mean loss."""
-        rows, labels, loss = loss_of(items)
+        targets, loss = loss_of(items)
         base, gradient = float(loss(engine.theta)), gradient_of(loss, engine.theta)
         answers = []
         for name, table in tables.items():
             culprits = table[table["role"] == "culprit"]
             theta = refit(culprits["row"].to_numpy())
             step = predicted_step(engine.problem, engine.theta, engine.solver, engine.problem_index(culprits["row"]))
-            right = int(zero_shot_answers(engine, theta, np.asarray(rows), np.asarray(labels))["correct"].sum())
+            right = int(item_answers(engine, theta, targets)["correct"].sum())
             answers.append({"items": len(items), "ranking": name, "planted": float(culprits["corrupted"].astype(bool).mean()),
                             "predicted": float(gradient @ step), "actual": float(loss(theta)) - base, "right_after": right})
         return answers
@@ -185,7 +183,7 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
 
     singles, groups = [], []
     for item in mistakes.head(args.verify).itertuples():
-        _, _, loss = loss_of(mistakes[mistakes["uid"] == item.uid])
+        _, loss = loss_of(mistakes[mistakes["uid"] == item.uid])
         base = float(loss(engine.theta))
         tables = trace_tables(item.uid)
         culprits = pd.concat([t[t["role"] == "culprit"] for t in tables.values()]).drop_duplicates("row")
@@ -247,7 +245,7 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     import ecif
     from ecif.data.demo import systematic_group
-    from ecif.tasks.trace import zero_shot_table
+    from ecif.tasks.trace import predictions_table
 
     machine = machine_info()
     started = time.perf_counter()
@@ -266,7 +264,7 @@ def main(argv=None) -> dict:
     base_rate = float(planted.mean())
 
     similarity = backbone_similarity(run, manifest, label, colour, wrong)
-    table = zero_shot_table(run, splits=["test"])
+    table = predictions_table(run, splits=["test"])
     table = table.merge(manifest[["uid", "colour"]], on="uid")
     group = table[(table["label"] == label) & of_colour(table, colour)]
     mistakes = group[~group["correct"]]

@@ -355,7 +355,7 @@ def cmd_mispredictions(args: argparse.Namespace) -> int:
     from ecif.tasks.trace import mispredictions
 
     table = mispredictions(_open_run(args.run))
-    _emit(args, table, f"{len(table)} mispredictions\n" + _table(table, ["uid", "split", "label", "predicted", "prob_true", "loss"], 50))
+    _emit(args, table, f"{len(table)} mispredictions\n" + _table(table, ["uid", "split", "kind", "label", "predicted", "prob_true", "loss"], 50))
     return 0
 
 
@@ -521,11 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_detect)
 
-    p = commands.add_parser("trace", help="culprits and supporters of one test item's zero-shot loss (or of several items')")
+    p = commands.add_parser("trace", help="culprits and supporters of one test item's loss (zero-shot class, or its caption among its split's without a class; or several items' mean loss)")
     p.add_argument("--run", required=True)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--item", action="append", metavar="UID",
-                       help="uid of a labelled item; repeat it to trace several items' mean loss")
+                       help="uid of a test item; repeat it to trace several items' mean loss")
     which.add_argument("--confusion", metavar="TRUE:PREDICTED",
                        help="every mispredicted item of class TRUE that the model calls PREDICTED, traced together "
                        "(e.g. --confusion square:circle)")

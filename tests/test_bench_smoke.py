@@ -131,14 +131,14 @@ def test_trace_bench_checks_culprits_by_retraining(scored_demo_run, tmp_path):
     import importlib.util
 
     from ecif.run import Run
-    from ecif.tasks.trace import confusions, zero_shot_table
+    from ecif.tasks.trace import confusions, predictions_table
 
     spec = importlib.util.spec_from_file_location("bench_trace", BENCH / "trace.py")  # not the standard library's trace
     bench_trace = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_trace)
     run = Run(scored_demo_run)
     first = confusions(run).iloc[0]
-    table = zero_shot_table(run, ["test"])
+    table = predictions_table(run, ["test"])
     mistakes = table[~table["correct"] & (table["label"] == first["label"]) & (table["predicted"] == first["predicted"])].head(2)
     args = SimpleNamespace(verify=1, top_k=2, tolerance=1e-8)
     verified = bench_trace.verify_culprits(run, mistakes, args, cache_dir=tmp_path)

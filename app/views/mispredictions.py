@@ -18,14 +18,16 @@ def render(ctx: Context) -> None:
     st.header("Mispredictions")
     items = read_frame(ctx.run, MISPREDICTIONS_FILE)
     if items is None or not ctx.scored:
-        st.info("Not available yet: the run has no mispredictions table (it needs labels).")
+        st.info("Not available yet: the run has no mispredictions table (its scoring has not reached that stage).")
         return
     show_all = st.toggle("Show correct predictions too", key="mp_all")
     shown = (items if show_all else items[~items["correct"].astype(bool)]).sort_values(
         "loss", ascending=False, ignore_index=True)
-    st.caption(f"{int((~items['correct'].astype(bool)).sum())} of {len(items)} items mispredicted; "
-               "worst first")
-    columns = ["uid", "label", "predicted", "prob_true", "prob_predicted", "loss", "caption", "split"]
+    retrieval = "kind" in items.columns and (items["kind"] == "retrieval").any()
+    st.caption(f"{int((~items['correct'].astype(bool)).sum())} of {len(items)} items mispredicted; worst first"
+               + (". An item without a class is asked for its own caption among its split's captions "
+                  "(retrieval): *label* is its caption, *predicted* the caption the model picks." if retrieval else ""))
+    columns = ["uid", "kind", "label", "predicted", "prob_true", "prob_predicted", "loss", "caption", "split"]
 
     def item_picked() -> None:
         rows = st.session_state[table_key].selection.rows
@@ -112,7 +114,7 @@ def _drop_culprits(ctx: Context, uids: list[str], rows: list[int]) -> None:
 def _chosen_target(ctx: Context, items):
     """The item (``?item=uid``) or confusion (``?confusion=true:predicted``) to trace, drawn; ``(uids, column)``."""
     confusions, confusion_items = engine_call("confusions"), engine_call("confusion_items")
-    counts = confusions(ctx.run) if confusions is not None else None
+    counts = confusions(ctx.run, items) if confusions is not None else None
     if counts is not None and len(counts):
         labels = {f"{c.label}:{c.predicted}": f"{c.label} → {c.predicted} ({plural(c.mistakes, 'item')})"
                   for c in counts.itertuples()}
@@ -139,7 +141,7 @@ def _chosen_target(ctx: Context, items):
     if confusion is not None and confusion_items is not None:
         try:
             label, predicted = parse_confusion(confusion)
-            uids = confusion_items(ctx.run, label, predicted)
+            uids = confusion_items(ctx.run, label, predicted, items)
         except ValueError as error:
             st.warning(str(error))
             return None
@@ -156,8 +158,12 @@ def _chosen_target(ctx: Context, items):
     item = chosen.iloc[0]
     left, right = st.columns([1, 3])
     left.image(item["filepath"], width="stretch")
-    right.markdown(f"**True:** {item['label']} · **predicted:** {item['predicted']} "
-                   f"({item['prob_predicted']:.2f}; true class {item['prob_true']:.2f})")
+    if item.get("kind") == "retrieval":
+        right.markdown(f"**Caption:** {item['label']}  \n**The model picks:** {item['predicted']} "
+                       f"({item['prob_predicted']:.2f}; its own caption {item['prob_true']:.2f})")
+    else:
+        right.markdown(f"**True:** {item['label']} · **predicted:** {item['predicted']} "
+                       f"({item['prob_predicted']:.2f}; true class {item['prob_true']:.2f})")
     return [str(item["uid"])], right
 
 

@@ -592,6 +592,12 @@ def conjugate_gradient(
     )
 
 
+def refuse_ekfac_beyond_heads(solver: str, scope_kind: str) -> None:
+    """EK-FAC factorises linear heads only: a ``ValueError`` naming the solvers that cover ``scope_kind``."""
+    if solver.startswith("ekfac") and scope_kind != "heads":
+        raise ValueError(f"solver {solver!r}: EK-FAC covers the projection heads only; for the {scope_kind} scope use auto, lowrank-cg, cg or dense")
+
+
 def build_solver(
     problem: HeadsProblem, theta: Tensor, config: CurvatureConfig | None = None, reporter: Reporter | None = None
 ) -> CurvatureSolver:
@@ -606,8 +612,7 @@ def build_solver(
     heads = isinstance(problem.scope, HeadsScope)
     if name == "auto":
         name = "dense" if theta.numel() <= config.dense_max_params else ("ekfac" if heads else "lowrank-cg")
-    if name.startswith("ekfac") and not heads:
-        raise ValueError(f"EK-FAC covers the projection heads only; use solver 'lowrank-cg', 'cg' or 'dense' for the {problem.scope.kind} scope")
+    refuse_ekfac_beyond_heads(name, problem.scope.kind)
 
     if name == "dense":
         matrix = dense_curvature(problem, theta, config.kind, reporter)

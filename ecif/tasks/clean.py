@@ -8,7 +8,7 @@ side, from cheapest to most expensive:
 - :func:`apply_edit` — Newton step(s) on the reduced objective; writes a real edited checkpoint.
 - :func:`verify_by_refit` — actually re-fine-tunes the heads on the cleaned data (ground truth).
 
-:func:`predict_items` answers the same question for a few labelled items (a traced mistake, a
+:func:`predict_items` answers the same question for a few test items (a traced mistake, a
 confusion): would they be right after the edit?
 """
 
@@ -29,7 +29,7 @@ from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy
 from ecif.models.heads import finetune_heads, write_scope
 from ecif.run import Run, atomic_write_json
 from ecif.tasks.engine import Engine, load_engine, split_rows
-from ecif.tasks.trace import item_uids, labelled_rows, zero_shot_answers
+from ecif.tasks.trace import item_answers, item_targets, item_uids
 
 EDITED_DIR = "edited"
 EDITED_CHECKPOINT = "model.safetensors"
@@ -164,7 +164,7 @@ def verify_by_refit(run: Run | str, drop_rows=(), relabel: dict[int, str] | None
 def predict_items(
     run: Run | str, uids, drop_rows=(), relabel: dict[int, str] | None = None, refit: bool = False
 ) -> pd.DataFrame:
-    """Zero-shot answers for labelled items before and after dropping/relabelling pairs.
+    """Test items' answers (zero-shot class, or retrieved caption for an item without one) before and after dropping/relabelling pairs.
 
     After: the closed form ``θ̂ + Δθ`` (group estimate, as :func:`predict_edit`; about a second), or
     with ``refit=True`` the heads actually re-fine-tuned on the edited data (as :func:`verify_by_refit`).
@@ -173,16 +173,16 @@ def predict_items(
     right after) and ``broken`` (right before, wrong after).
     """
     engine = load_engine(run)
-    rows, labels = labelled_rows(engine, item_uids(uids))
+    items = item_targets(engine, item_uids(uids))
     drop, new_text = _edit_inputs(engine, drop_rows, relabel)
     if refit:
         after, _ = finetune_heads(reduced_problem(engine.problem, drop, new_text), engine.theta, engine.finetune)
     else:
         after = engine.theta + predicted_step(engine.problem, engine.theta, engine.solver, drop, new_text)
-    table = pd.DataFrame({"uid": engine.manifest["uid"].iloc[list(rows)].astype(str).to_numpy()})
+    table = pd.DataFrame({"uid": engine.manifest["uid"].iloc[list(items.rows)].astype(str).to_numpy()})
     for moment, theta in (("before", engine.theta), ("after", after)):
-        answers = zero_shot_answers(engine, theta, np.asarray(rows), np.asarray(labels))
-        table["label"] = answers["label"]
+        answers = item_answers(engine, theta, items)
+        table["kind"], table["label"] = answers["kind"], answers["label"]
         for name in ("predicted", "prob_true", "loss"):
             table[f"{name}_{moment}"] = answers[name]
         table[f"correct_{moment}"] = answers["correct"]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ecif.curvature.solvers import CurvatureConfig
+from ecif.curvature.solvers import CurvatureConfig, refuse_ekfac_beyond_heads
 from ecif.paths import cache_dir, text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import (
@@ -169,9 +169,8 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
     blocks, solver = config.finetune.blocks, config.curvature.solver
     if blocks < 0:
         raise ValueError(f"blocks must be 0 (the heads) or a positive number of transformer blocks, got {blocks}")
-    if blocks and solver.startswith("ekfac"):
-        # Refused before the fine-tuning, not after it: EK-FAC factorises linear heads only.
-        raise ValueError(f"solver {solver!r} covers the projection heads only; with blocks={blocks} use auto, lowrank-cg, cg or dense")
+    # Refused before the fine-tuning, not after it (build_solver would refuse it then).
+    refuse_ekfac_beyond_heads(solver, "blocks" if blocks else "heads")
     if config.model != "demo":
         from ecif.models.open_clip_models import require_weights
 
@@ -305,9 +304,9 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         return {"pairs": int(len(scores)), "columns": [c for c in INFLUENCE_COLUMNS if c in scores.columns]}
 
     def mispredictions_stage() -> dict:
-        from ecif.tasks.trace import zero_shot_table
+        from ecif.tasks.trace import predictions_table
 
-        table = zero_shot_table(run, splits=[config.test_split, config.trusted_split])
+        table = predictions_table(run, splits=[config.test_split, config.trusted_split])
         atomic_write_parquet(run.path(MISPREDICTIONS_FILE), table)
         return {"items": int(len(table)), "wrong": int((~table["correct"]).sum()) if len(table) else 0}
 

@@ -1,7 +1,9 @@
 """Misprediction trace-back (ECIF_METHOD §7): which training pairs pushed the model to a wrong answer.
 
-For a test item (an image with a true class, scored zero-shot against class prompts) the test
-function is its cross-entropy.  A training pair's influence on it is the predicted change of that
+For a test item the test function is the cross-entropy of its right answer.  An item with a true
+class is asked for it among the class prompts (zero-shot classification); an item without one (a
+manifest without labels, as web data usually is) is asked for its own caption among the distinct
+captions of its split (image-to-caption retrieval, the question CLIP answers).  A training pair's influence on it is the predicted change of that
 loss if the pair is removed: **culprits** have negative influence (removing them would fix the
 item), **supporters** positive (they hold up the right answer).  The default ranking is the
 relative score ``Δφ_n / ‖Δθ_n‖_H`` (RelatIF) so that a few high-leverage pairs do not top every query.
@@ -17,7 +19,8 @@ part alone: the pairs whose own caption drives the item to its answer, the ones 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_of, influence_on, relative_influence
-from ecif.influence.test_functions import zero_shot_logits, zero_shot_loss
+from ecif.influence.test_functions import TestFunction, ZeroShotPrompts, zero_shot_logits
 from ecif.run import MISPREDICTIONS_FILE, Run
 from ecif.tasks.engine import Engine, load_engine, split_rows
 from ecif.tasks.evaluate import influence_table
@@ -43,36 +46,131 @@ def _class_index(engine: Engine, labels: pd.Series) -> np.ndarray:
     return np.asarray([lookup.get(str(label), -1) if not pd.isna(label) else -1 for label in labels])
 
 
-def zero_shot_table(run: Run | str, splits: list[str]) -> pd.DataFrame:
-    """Zero-shot predictions of every labelled item of ``splits`` under the fine-tuned heads.
+ZERO_SHOT, RETRIEVAL = "zero-shot", "retrieval"
 
-    Columns: ``row``, ``uid``, ``filepath``, ``caption``, ``split``, ``label`` (true class),
-    ``predicted``, ``prob_true``, ``prob_predicted``, ``loss`` (nats), ``correct``.  Wrong first.
+
+@dataclass(frozen=True)
+class Items:
+    """Test items and the question each is asked; the loss traced is that of the right answer.
+
+    ``candidates[i]`` is ``None`` when item ``i`` is asked for its class among the class prompts
+    (zero-shot), or the name of its split when it is asked for its own caption among that split's
+    distinct captions (retrieval: the item has no class).  ``answers[i]`` indexes the right answer
+    among the item's candidates.  Sorted by manifest row, each row once.
     """
-    engine = load_engine(run)
-    columns = ["row", "uid", "filepath", "caption", "split", "label", "predicted", "prob_true", "prob_predicted", "loss", "correct"]
-    if engine.prompts is None:
-        return pd.DataFrame(columns=columns)
-    rows = np.concatenate([split_rows(engine.manifest, split) for split in dict.fromkeys(splits)])
+
+    rows: tuple[int, ...]
+    answers: tuple[int, ...]
+    candidates: tuple[str | None, ...]
+
+    def groups(self) -> Iterator[tuple[str | None, np.ndarray]]:
+        """``(candidates, positions)`` for each distinct question set, positions into ``rows``."""
+        asked = np.asarray([str(c) for c in self.candidates], dtype=object)
+        for candidates in dict.fromkeys(self.candidates):
+            yield candidates, np.flatnonzero(asked == str(candidates))
+
+
+def caption_candidates(engine: Engine, split: str) -> tuple[ZeroShotPrompts, dict[str, int]]:
+    """The distinct captions of ``split`` as the answers of a retrieval item, with each caption's index.
+
+    Identical captions are one answer (on templated data many images share a caption), so a model
+    that picks an identical caption of another image is right.  Cached on the engine.
+    """
+    key = ("captions", split)
+    with engine.cache_lock:
+        if key not in engine.cache:
+            rows = split_rows(engine.manifest, split)
+            captions = engine.manifest["caption"].iloc[rows].astype(str).drop_duplicates()
+            if len(captions) < 2:
+                raise ValueError(f"split {split!r} has {len(captions)} distinct caption(s); retrieval needs at least 2")
+            index = {caption: position for position, caption in enumerate(captions)}
+            first = engine.manifest.index.get_indexer(captions.index)  # the manifest row of each caption's first item
+            prompts = ZeroShotPrompts.from_arrays(engine.text[first], np.arange(len(index)), list(index))
+            engine.cache[key] = (prompts, index)
+        return engine.cache[key]
+
+
+def candidate_prompts(engine: Engine, candidates: str | None) -> ZeroShotPrompts:
+    """The class prompts (``None``) or the captions of split ``candidates``."""
+    if candidates is None:
+        if engine.prompts is None:
+            raise ValueError(f"{engine.run.directory} has no zero-shot classes (the manifest has no labels)")
+        return engine.prompts
+    return caption_candidates(engine, candidates)[0]
+
+
+def item_targets(engine: Engine, uids: list[str]) -> Items:
+    """What each item is asked (see :class:`Items`): its class when it has one, else its caption.
+
+    Raises ``KeyError`` for an unknown uid and ``ValueError`` for an item with neither a zero-shot
+    class nor a caption among at least two in its split.
+    """
+    if not uids:
+        raise ValueError("trace needs at least one item uid")
+    positions = engine.row_of_uid
+    missing = [str(uid) for uid in uids if str(uid) not in positions]
+    if missing:
+        raise KeyError(f"no item with uid {', '.join(map(repr, missing[:5]))} in {engine.run.directory}")
+    rows = sorted({positions[str(uid)] for uid in uids})
     items = engine.manifest.iloc[rows]
-    classes = _class_index(engine, items["label"])
-    rows, items, classes = rows[classes >= 0], items[classes >= 0], classes[classes >= 0]
-    details = {name: items[name].to_numpy() for name in ("uid", "filepath", "caption", "split")}
-    table = pd.DataFrame({"row": rows, **details, **zero_shot_answers(engine, engine.theta, rows, classes)})
-    return table.sort_values(["correct", "loss"], ascending=[True, False]).reset_index(drop=True)
+    classes = _class_index(engine, items["label"]) if engine.prompts is not None and "label" in items else np.full(len(rows), -1)
+    answers, candidates = [], []
+    for (_, item), label in zip(items.iterrows(), classes):
+        if label >= 0:
+            answers.append(int(label))
+            candidates.append(None)
+            continue
+        split = str(item["split"])
+        caption = item["caption"]
+        if pd.isna(caption) or not str(caption).strip():
+            raise ValueError(f"item {item['uid']!r} has neither a zero-shot class nor a caption to retrieve")
+        answers.append(caption_candidates(engine, split)[1][str(caption)])
+        candidates.append(split)
+    return Items(tuple(rows), tuple(answers), tuple(candidates))
 
 
-def zero_shot_answers(engine: Engine, theta: Tensor, rows: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
-    """Zero-shot answers under heads ``theta`` for manifest ``rows`` whose true class indices are ``classes``.
+def items_loss(engine: Engine, items: Items) -> TestFunction:
+    """``φ(θ)`` = the items' mean cross-entropy of their right answers (nats)."""
+    asked = [
+        (engine.image_tensor(np.asarray(items.rows)[positions]), torch.tensor(np.asarray(items.answers)[positions]),
+         candidate_prompts(engine, candidates))
+        for candidates, positions in items.groups()
+    ]
 
-    Arrays ``[k]``: ``label`` and ``predicted`` (class names), ``prob_true``, ``prob_predicted``,
-    ``loss`` (cross-entropy in nats) and ``correct``.
+    def function(theta: Tensor) -> Tensor:
+        total = sum(
+            torch.nn.functional.cross_entropy(zero_shot_logits(engine.scope, theta, image, prompts), answers, reduction="sum")
+            for image, answers, prompts in asked
+        )
+        return total / len(items.rows)
+
+    return function
+
+
+#: Images scored against the candidates at once: bounds the ``[chunk, candidates]`` logits of a
+#: retrieval table, where the candidates are every distinct caption of a split.
+ANSWER_CHUNK = 1024
+
+
+def zero_shot_answers(
+    engine: Engine, theta: Tensor, rows: np.ndarray, classes: np.ndarray, prompts: ZeroShotPrompts | None = None
+) -> dict[str, np.ndarray]:
+    """Answers under heads ``theta`` for manifest ``rows`` whose right answers are ``classes`` (indices into ``prompts``).
+
+    ``prompts`` defaults to the run's class prompts.  Arrays ``[k]``: ``label`` and ``predicted``
+    (answer names: classes, or captions for retrieval), ``prob_true``, ``prob_predicted``, ``loss``
+    (cross-entropy in nats) and ``correct``.
     """
+    prompts = engine.prompts if prompts is None else prompts
+    rows, classes = np.asarray(rows), np.asarray(classes)
+    probabilities = []
     with torch.no_grad():
-        logits = zero_shot_logits(engine.scope, theta, engine.image_tensor(np.asarray(rows)), engine.prompts)
-        probabilities = torch.softmax(logits, dim=1).numpy()
-    classes, predicted = np.asarray(classes), probabilities.argmax(axis=1)
-    names, positions = np.asarray(engine.prompts.names, dtype=object), np.arange(len(classes))
+        for start in range(0, len(rows), ANSWER_CHUNK):
+            logits = zero_shot_logits(engine.scope, theta, engine.image_tensor(rows[start : start + ANSWER_CHUNK]), prompts)
+            probabilities.append(torch.softmax(logits, dim=1).numpy())
+    probabilities = np.concatenate(probabilities) if probabilities else np.zeros((0, len(prompts.names)))
+    predicted = probabilities.argmax(axis=1)
+    names, positions = np.asarray(prompts.names, dtype=object), np.arange(len(classes))
     return {
         "label": names[classes],
         "predicted": names[predicted],
@@ -83,6 +181,52 @@ def zero_shot_answers(engine: Engine, theta: Tensor, rows: np.ndarray, classes: 
     }
 
 
+def item_answers(engine: Engine, theta: Tensor, items: Items) -> dict[str, np.ndarray]:
+    """:func:`zero_shot_answers` for mixed items, in ``items.rows`` order, plus ``kind`` (zero-shot / retrieval)."""
+    answers: dict[str, np.ndarray] = {}
+    rows, classes = np.asarray(items.rows), np.asarray(items.answers)
+    for candidates, positions in items.groups():
+        part = zero_shot_answers(engine, theta, rows[positions], classes[positions], candidate_prompts(engine, candidates))
+        part["kind"] = np.full(len(positions), ZERO_SHOT if candidates is None else RETRIEVAL, dtype=object)
+        for name, values in part.items():
+            if name not in answers:
+                answers[name] = np.empty(len(rows), dtype=values.dtype if values.dtype != bool else bool)
+            answers[name][positions] = values
+    return answers
+
+
+PREDICTION_COLUMNS = ["row", "uid", "filepath", "caption", "split", "kind", "label", "predicted", "prob_true", "prob_predicted", "loss", "correct"]
+
+
+def predictions_table(run: Run | str, splits: list[str]) -> pd.DataFrame:
+    """The fine-tuned model's answer for every item of ``splits``, wrong first.
+
+    An item with a zero-shot class is classified against the class prompts (``kind`` zero-shot,
+    ``label`` its class); an item without one retrieves a caption among its split's distinct
+    captions (``kind`` retrieval, ``label`` its own caption).  Columns: ``row``, ``uid``,
+    ``filepath``, ``caption``, ``split``, ``kind``, ``label``, ``predicted``, ``prob_true``,
+    ``prob_predicted``, ``loss`` (nats), ``correct``.
+    """
+    engine = load_engine(run)
+    rows = np.concatenate([split_rows(engine.manifest, split) for split in dict.fromkeys(splits)])
+    captions = engine.manifest["caption"].iloc[rows]
+    has_class = _class_index(engine, engine.manifest["label"].iloc[rows]) >= 0 if engine.prompts is not None else np.zeros(len(rows), bool)
+    # An item needs a class or a caption to be asked anything; a split of one distinct caption asks nothing.
+    askable = has_class | (captions.notna() & (captions.astype(str).str.strip() != "")).to_numpy()
+    splits_of = engine.manifest["split"].iloc[rows].astype(str).to_numpy()
+    for split in np.unique(splits_of[~has_class]):
+        if engine.manifest["caption"].iloc[split_rows(engine.manifest, split)].astype(str).nunique() < 2:
+            askable &= ~((splits_of == split) & ~has_class)
+    rows = rows[askable]
+    if not len(rows):
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    items = item_targets(engine, engine.manifest["uid"].iloc[rows].astype(str).tolist())
+    chosen = engine.manifest.iloc[list(items.rows)]
+    details = {name: chosen[name].to_numpy() for name in ("uid", "filepath", "caption", "split")}
+    table = pd.DataFrame({"row": items.rows, **details, **item_answers(engine, engine.theta, items)})[PREDICTION_COLUMNS]
+    return table.sort_values(["correct", "loss"], ascending=[True, False]).reset_index(drop=True)
+
+
 def trace(
     run: Run | str,
     uid: str | Sequence[str],
@@ -91,7 +235,10 @@ def trace(
     norm: StepNorm = "hessian",
     rank_by: RankBy = "total",
 ) -> pd.DataFrame:
-    """Culprits and supporters of one labelled item's zero-shot loss, or of several items' mean loss.
+    """Culprits and supporters of one test item's loss, or of several items' mean loss.
+
+    The item's loss is the cross-entropy of its right answer: its class among the class prompts, or,
+    for an item without a class, its own caption among its split's captions (see :class:`Items`).
 
     Returns ``2·top_k`` training rows: the ``top_k`` culprits (most negative ``score`` first) then the
     ``top_k`` supporters (most positive first), with ``role`` (culprit / supporter), ``score`` (the
@@ -105,7 +252,7 @@ def trace(
     norm when relative) instead of the total, leaving out pairs that act on the item only as
     negatives; a culprit is then negative in ``influence_pos``, not necessarily in ``influence``.
 
-    ``uid`` may be a list: the test function is then the items' mean zero-shot loss (one solve), and
+    ``uid`` may be a list: the test function is then the items' mean loss (one solve), and
     the culprits are the pairs behind what the items share, such as a confusion (see
     :func:`confusion_items`), rather than behind one item's quirks.  bench/trace measured the planted
     share of a confusion's top-10 positive-role culprits at 1.0 where single items averaged 0.70
@@ -117,8 +264,7 @@ def trace(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     engine = load_engine(run)
-    rows, labels = labelled_rows(engine, item_uids(uid))
-    table = influence_table(engine, _item_influence(engine, rows, labels))
+    table = influence_table(engine, _item_influence(engine, item_targets(engine, item_uids(uid))))
     step_norms = _step_norms(engine, norm)
     table["relative_influence"] = relative_influence(table["influence"].to_numpy(), step_norms)
     table["main_role"] = np.where(table["influence_pos"].abs() >= table["influence_neg"].abs(), "positive", "negative")
@@ -145,40 +291,35 @@ def parse_confusion(text: str) -> tuple[str, str]:
     return label, predicted
 
 
-def labelled_rows(engine: Engine, uids: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Manifest rows and zero-shot class indices of labelled items (sorted by row, each once).
+def confusion_items(run: Run | str, label: str, predicted: str, wrong: pd.DataFrame | None = None) -> list[str]:
+    """Uids of the mispredicted items of true class ``label`` that the model calls ``predicted`` (worst first).
 
-    Raises ``KeyError`` for an unknown uid and ``ValueError`` for an item without a zero-shot class.
+    ``wrong``: the :func:`mispredictions` table when the caller has it already.
     """
-    if not uids:
-        raise ValueError("trace needs at least one item uid")
-    positions = engine.row_of_uid
-    missing = [str(uid) for uid in uids if str(uid) not in positions]
-    if missing:
-        raise KeyError(f"no item with uid {', '.join(map(repr, missing[:5]))} in {engine.run.directory}")
-    rows = sorted({positions[str(uid)] for uid in uids})
-    labels = _class_index(engine, engine.manifest.iloc[rows]["label"])
-    unlabelled = [str(engine.manifest["uid"].iloc[row]) for row, label in zip(rows, labels) if label < 0]
-    if unlabelled:
-        raise ValueError(f"item {', '.join(map(repr, unlabelled[:5]))} has no label among the zero-shot classes; trace needs a true class")
-    return tuple(rows), tuple(int(label) for label in labels)
-
-
-def confusion_items(run: Run | str, label: str, predicted: str) -> list[str]:
-    """Uids of the mispredicted items of true class ``label`` that the model calls ``predicted`` (worst first)."""
-    table = mispredictions(run)
+    table = _zero_shot_mistakes(run, wrong)
     chosen = table[(table["label"].astype(str) == str(label)) & (table["predicted"].astype(str) == str(predicted))]
     if chosen.empty:
-        present = ", ".join(f"{row.label}:{row.predicted}" for row in confusions(run).head(20).itertuples()) or "none"
+        present = ", ".join(f"{row.label}:{row.predicted}" for row in confusions(run, table).head(20).itertuples()) or "none"
         raise ValueError(f"no mispredicted item of class {label!r} is predicted as {predicted!r} (confusions: {present})")
     return chosen.sort_values("loss", ascending=False)["uid"].astype(str).tolist()
 
 
-def confusions(run: Run | str) -> pd.DataFrame:
-    """Mispredictions per (true ``label``, ``predicted``) class pair, column ``mistakes``, most frequent first."""
-    table = mispredictions(run)
+def confusions(run: Run | str, wrong: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Zero-shot mispredictions per (true ``label``, ``predicted``) class pair, column ``mistakes``, most frequent first.
+
+    ``wrong``: the :func:`mispredictions` table when the caller has it already.  Retrieval mistakes
+    are left out: a caption-to-caption confusion rarely repeats.
+    """
+    table = _zero_shot_mistakes(run, wrong)
     counts = table.groupby(["label", "predicted"], as_index=False).size().rename(columns={"size": "mistakes"})
     return counts.sort_values(["mistakes", "label", "predicted"], ascending=[False, True, True], ignore_index=True)
+
+
+def _zero_shot_mistakes(run: Run | str, wrong: pd.DataFrame | None) -> pd.DataFrame:
+    table = mispredictions(run) if wrong is None else wrong
+    table = table[~table["correct"].astype(bool)]
+    # Tables written before retrieval items existed have no kind column: every item was zero-shot.
+    return table[table["kind"] == ZERO_SHOT] if "kind" in table.columns else table
 
 
 #: Items whose influence tables an engine keeps: switching a trace's ranking or norm, or coming back
@@ -186,16 +327,16 @@ def confusions(run: Run | str) -> pd.DataFrame:
 ITEM_CACHE_SIZE = 64
 
 
-def _item_influence(engine: Engine, rows: tuple[int, ...], labels: tuple[int, ...]) -> PairInfluence:
-    """Every training pair's influence on the items' mean zero-shot loss, cached on the engine."""
-    key = ("item", rows, labels)
+def _item_influence(engine: Engine, items: Items) -> PairInfluence:
+    """Every training pair's influence on the items' mean loss (:func:`items_loss`), cached on the engine."""
+    key = ("item", items)
     with engine.cache_lock:
         cache = engine.cache
         if key not in cache:
-            function = zero_shot_loss(engine.scope, engine.image_tensor(np.asarray(rows)), torch.tensor(labels), engine.prompts)
+            function = items_loss(engine, items)
             cache[key] = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(function, engine.theta))
-            items = [name for name in cache if name[0] == "item"]
-            for stale in items[: max(0, len(items) - ITEM_CACHE_SIZE)]:
+            kept = [name for name in cache if name[0] == "item"]
+            for stale in kept[: max(0, len(kept) - ITEM_CACHE_SIZE)]:
                 del cache[stale]
         return cache[key]
 
@@ -224,7 +365,7 @@ def _self_influence(engine: Engine) -> np.ndarray:
 
 
 def mispredictions(run: Run | str) -> pd.DataFrame:
-    """The labelled test/trusted items the model gets wrong, worst first.
+    """The test/trusted items the model gets wrong (zero-shot class or retrieved caption), worst first.
 
     From the run's cached table; a run stopped before the pipeline's mispredictions stage gets it
     computed here (one forward pass of the heads).
@@ -234,5 +375,5 @@ def mispredictions(run: Run | str) -> pd.DataFrame:
         table = run.mispredictions()
     else:
         settings = run.info.get("settings", {})
-        table = zero_shot_table(run, splits=[settings.get("test_split", "test"), settings.get("trusted_split", "val")])
+        table = predictions_table(run, splits=[settings.get("test_split", "test"), settings.get("trusted_split", "val")])
     return table[~table["correct"]].reset_index(drop=True)
