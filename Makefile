@@ -44,6 +44,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/trace.py --pretrained-pool
 	$(BIN)/python bench/trace.py --corruption systematic-class
 	$(BIN)/python bench/trace.py --pretrained-pool --corruption systematic-class
+	$(BIN)/python bench/trace_retrieval.py
 	$(BIN)/python bench/scoring_time.py
 	$(BIN)/python bench/solvers.py
 	$(BIN)/python bench/blocks.py
