@@ -39,6 +39,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/fidelity.py
 	$(BIN)/python bench/detect.py --digits
 	$(BIN)/python bench/detect.py --pretrained-pool
+	$(BIN)/python bench/detect_disagreements.py
 	$(BIN)/python bench/edit.py
 	$(BIN)/python bench/trace.py
 	$(BIN)/python bench/trace.py --pretrained-pool

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_common_arguments,
     default_work_dir,
     log,
     machine_info,
@@ -36,9 +37,7 @@ from common import (  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, action="append", default=[], help="a scored run folder (repeatable)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
+    add_common_arguments(parser, seed=False)
     parser.add_argument("--name", default="solvers")
     return parser.parse_args(argv)
 

@@ -33,6 +33,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_common_arguments,
     default_work_dir,
     log,
     machine_info,
@@ -59,10 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verify", type=int, default=4,
                         help="mistakes whose culprits are checked by actual re-fine-tuning (0: none)")
     parser.add_argument("--tolerance", type=float, default=1e-10, help="gradient-norm tolerance of every re-fine-tune")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
+    add_common_arguments(parser)
     parser.add_argument("--result-name", default=None,
                         help="default: trace, + -pretrained with --pretrained-pool, + -class with systematic-class")
     parser.add_argument(
@@ -159,7 +157,7 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
         return torch.load(theta_path, weights_only=True)
 
     def loss_of(items) -> tuple:
-        """The items' questions (ecif.tasks.trace.Items) and their mean zero-shot loss."""
+        """The items' questions (ecif.tasks.trace.Items) and their mean loss."""
         targets = item_targets(engine, items["uid"].tolist())
         return targets, items_loss(engine, targets)
 

@@ -23,7 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import default_work_dir, log, machine_info, machine_markdown, markdown_table, publish, scored_demo_run, set_threads  # noqa: E402
+from common import add_common_arguments, default_work_dir, log, machine_info, machine_markdown, markdown_table, publish, scored_demo_run, set_threads  # noqa: E402
 
 # bench/trace.py by its path: ``import trace`` may give the standard library's module.
 _spec = importlib.util.spec_from_file_location("bench_trace", Path(__file__).with_name("trace.py"))
@@ -38,10 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--verify", type=int, default=3, help="wrong retrievals whose culprits are checked by re-fine-tuning")
     parser.add_argument("--tolerance", type=float, default=1e-10, help="gradient-norm tolerance of every re-fine-tune")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 

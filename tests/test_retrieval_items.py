@@ -94,3 +94,47 @@ def test_app_shows_and_traces_a_wrong_retrieval(unlabelled_run):
     assert any("retrieval" in c.value for c in at.caption)
     assert not [s for s in at.selectbox if s.key == "mp_confusion"]
     assert any("Culprits" in h.value for h in at.subheader)
+
+
+def test_items_without_a_label_in_a_labelled_run_are_asked_for_their_caption(scored_demo_run):
+    """A labelled manifest with some labels missing: each item keeps its own question, in row order."""
+    import dataclasses
+
+    from ecif.tasks.engine import load_engine
+    from ecif.tasks.trace import item_answers, item_targets, items_loss
+
+    engine = load_engine(scored_demo_run)
+    test = engine.manifest.index[engine.manifest["split"] == "test"][:60].to_numpy()
+    uids = engine.manifest["uid"].iloc[test].astype(str).tolist()
+    labelled = item_answers(engine, engine.theta, item_targets(engine, uids))
+    manifest = engine.manifest.copy()
+    manifest.loc[test[::2], "label"] = None  # every other item loses its label
+    mixed_engine = dataclasses.replace(engine, manifest=manifest, cache={})
+    items = item_targets(mixed_engine, uids)
+    assert items.candidates == tuple("test" if i % 2 == 0 else None for i in range(60))
+    mixed = item_answers(mixed_engine, engine.theta, items)
+    assert (mixed["kind"][1::2] == "zero-shot").all() and (mixed["kind"][::2] == "retrieval").all()
+    for name in ("label", "predicted", "prob_true", "loss", "correct"):
+        assert (mixed[name][1::2] == labelled[name][1::2]).all()  # the labelled items are untouched
+    assert (mixed["label"][::2] == manifest["caption"].iloc[test[::2]].to_numpy()).all()
+    # The mean loss is the mean of both kinds' losses, each against its own candidates.
+    assert float(items_loss(mixed_engine, items)(engine.theta)) == pytest.approx(mixed["loss"].mean(), rel=1e-10)
+    manifest.loc[test[1], "label"] = "hexagon"
+    with pytest.raises(ValueError, match="not one of the zero-shot classes"):
+        item_targets(dataclasses.replace(engine, manifest=manifest, cache={}), uids[:2])
+    text = engine.text.copy()
+    text[engine.manifest["split"].to_numpy() == "test"] = text[test[0]]  # every test caption encodes the same
+    manifest.loc[test[1], "label"] = None
+    with pytest.raises(ValueError, match="1 distinct caption"):
+        item_targets(dataclasses.replace(engine, manifest=manifest, text=text, cache={}), uids[:2])
+
+
+def test_a_run_scored_before_retrieval_items_gets_them_when_scored_again(unlabelled_run):
+    from ecif.run import atomic_write_parquet
+    from ecif.tasks.pipeline import RunConfig, run_pipeline
+
+    path = unlabelled_run.path("mispredictions.parquet")
+    before = pd.read_parquet(path)
+    atomic_write_parquet(path, before.iloc[:0].drop(columns=["kind"]))  # what an unlabelled run used to hold
+    run_pipeline(RunConfig.from_settings(unlabelled_run.directory, unlabelled_run.info["settings"]))
+    pd.testing.assert_frame_equal(pd.read_parquet(path), before)

@@ -37,18 +37,29 @@ class ZeroShotPrompts:
 
 
 def class_embeddings(scope: Scope, theta: Tensor, prompts: ZeroShotPrompts) -> Tensor:
-    """Unit class embeddings ``[C, e]`` (mean of unit prompt embeddings, renormalised)."""
+    """Unit class embeddings ``[C, e]`` (mean of unit prompt embeddings, renormalised).
+
+    Memory ``O(K·e)``: a retrieval question has one "class" per distinct caption of a split, so
+    ``C`` can be as large as ``K`` (no ``[C, K]`` membership matrix).
+    """
     prompt_embeddings = torch.nn.functional.normalize(scope.project_text(theta, prompts.features), dim=-1)
     n_classes = len(prompts.names)
-    membership = torch.nn.functional.one_hot(prompts.class_index, n_classes).to(theta.dtype).T  # [C, K]
-    means = membership @ prompt_embeddings / membership.sum(dim=1, keepdim=True).clamp(min=1.0)
-    return torch.nn.functional.normalize(means, dim=-1)
+    if len(prompts.class_index) == n_classes and bool((prompts.class_index == torch.arange(n_classes)).all()):
+        return prompt_embeddings  # one prompt per class: already unit vectors in class order
+    sums = torch.zeros(n_classes, prompt_embeddings.shape[-1], dtype=prompt_embeddings.dtype).index_add(0, prompts.class_index, prompt_embeddings)
+    counts = torch.bincount(prompts.class_index, minlength=n_classes).clamp(min=1).to(sums.dtype)
+    return torch.nn.functional.normalize(sums / counts[:, None], dim=-1)
+
+
+def logits_against(scope: Scope, theta: Tensor, image: Tensor, classes: Tensor) -> Tensor:
+    """``[k, C]`` logits ``exp(ℓ) u·w_c`` of images ``image [k, d]`` against unit class embeddings ``classes [C, e]``."""
+    u = torch.nn.functional.normalize(scope.project_image(theta, image), dim=-1)
+    return scope.log_scale(theta).exp() * (u @ classes.T)
 
 
 def zero_shot_logits(scope: Scope, theta: Tensor, image: Tensor, prompts: ZeroShotPrompts) -> Tensor:
     """``[k, C]`` logits ``exp(ℓ) u·w_c`` of images ``image [k, d]`` against the classes."""
-    u = torch.nn.functional.normalize(scope.project_image(theta, image), dim=-1)
-    return scope.log_scale(theta).exp() * (u @ class_embeddings(scope, theta, prompts).T)
+    return logits_against(scope, theta, image, class_embeddings(scope, theta, prompts))
 
 
 def zero_shot_loss(scope: Scope, image: Tensor, labels: Tensor, prompts: ZeroShotPrompts) -> TestFunction:

@@ -138,11 +138,29 @@ def _forget_outdated_scores(run: Run) -> None:
     """
     from ecif.tasks.evaluate import INFLUENCE_COLUMNS
 
-    stages = run.info.get("stages", {})
-    scores = stages.get("scores", {})
+    scores = run.info.get("stages", {}).get("scores", {})
     if scores.get("done") and not set(INFLUENCE_COLUMNS) <= set(scores.get("columns", ())):
-        stages["scores"] = {**scores, "done": False}
-        run.update_info(stages=stages)
+        _mark_undone(run, "scores")
+
+
+def _forget_outdated_mispredictions(run: Run) -> None:
+    """Mark the mispredictions stage undone when its table predates retrieval items (no ``kind`` column).
+
+    Such a table left out every item without a label (empty for an unlabelled manifest); redoing it
+    is one forward pass of the heads.
+    """
+    import pyarrow.parquet
+
+    stage = run.info.get("stages", {}).get("mispredictions", {})
+    if stage.get("done") and run.has(MISPREDICTIONS_FILE):
+        if "kind" not in pyarrow.parquet.read_schema(run.path(MISPREDICTIONS_FILE)).names:
+            _mark_undone(run, "mispredictions")
+
+
+def _mark_undone(run: Run, name: str) -> None:
+    stages = run.info.get("stages", {})
+    stages[name] = {**stages.get(name, {}), "done": False}
+    run.update_info(stages=stages)
 
 
 def _model_location(config: RunConfig, run: Run) -> tuple[str, Path | None]:
@@ -205,6 +223,7 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         run.update_info(settings=settings, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ecif_version="0.1.0")
     if stop_after is None or STAGES.index(stop_after) >= STAGES.index("scores"):
         _forget_outdated_scores(run)
+    _forget_outdated_mispredictions(run)
     loaded_manifest = {}
 
     def manifest_path() -> Path:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_of, influence_on, relative_influence
-from ecif.influence.test_functions import TestFunction, ZeroShotPrompts, zero_shot_logits
+from ecif.influence.test_functions import TestFunction, ZeroShotPrompts, class_embeddings, logits_against, zero_shot_loss
 from ecif.run import MISPREDICTIONS_FILE, Run
 from ecif.tasks.engine import Engine, load_engine, split_rows
 from ecif.tasks.evaluate import influence_table
@@ -55,8 +55,8 @@ class Items:
 
     ``candidates[i]`` is ``None`` when item ``i`` is asked for its class among the class prompts
     (zero-shot), or the name of its split when it is asked for its own caption among that split's
-    distinct captions (retrieval: the item has no class).  ``answers[i]`` indexes the right answer
-    among the item's candidates.  Sorted by manifest row, each row once.
+    distinct captions (retrieval: the item has no label).  ``answers[i]`` indexes the right answer
+    among the item's candidates.
     """
 
     rows: tuple[int, ...]
@@ -65,28 +65,36 @@ class Items:
 
     def groups(self) -> Iterator[tuple[str | None, np.ndarray]]:
         """``(candidates, positions)`` for each distinct question set, positions into ``rows``."""
-        asked = np.asarray([str(c) for c in self.candidates], dtype=object)
         for candidates in dict.fromkeys(self.candidates):
-            yield candidates, np.flatnonzero(asked == str(candidates))
+            yield candidates, np.asarray([i for i, asked in enumerate(self.candidates) if asked == candidates], dtype=np.int64)
 
 
-def caption_candidates(engine: Engine, split: str) -> tuple[ZeroShotPrompts, dict[str, int]]:
-    """The distinct captions of ``split`` as the answers of a retrieval item, with each caption's index.
+def caption_candidates(engine: Engine, split: str) -> tuple[ZeroShotPrompts, dict[int, int]]:
+    """The distinct captions of ``split`` as the answers of a retrieval item, and each row's answer.
 
-    Identical captions are one answer (on templated data many images share a caption), so a model
-    that picks an identical caption of another image is right.  Cached on the engine.
+    Returns the captions as prompts (one per answer, named by its first caption) and manifest row →
+    answer index.  Captions the text tower encodes identically (the same words; case, spacing and
+    truncation are the tokenizer's business) are one answer: on templated data many images share a
+    caption, and a model that picks an identical caption of another image is right.  Cached on the
+    engine.  With the blocks scope the retrieval loss runs the text blocks over every answer, so
+    its cost grows with the number of distinct captions in the split.
     """
     key = ("captions", split)
     with engine.cache_lock:
         if key not in engine.cache:
             rows = split_rows(engine.manifest, split)
-            captions = engine.manifest["caption"].iloc[rows].astype(str).drop_duplicates()
-            if len(captions) < 2:
-                raise ValueError(f"split {split!r} has {len(captions)} distinct caption(s); retrieval needs at least 2")
-            index = {caption: position for position, caption in enumerate(captions)}
-            first = engine.manifest.index.get_indexer(captions.index)  # the manifest row of each caption's first item
-            prompts = ZeroShotPrompts.from_arrays(engine.text[first], np.arange(len(index)), list(index))
-            engine.cache[key] = (prompts, index)
+            features = np.ascontiguousarray(engine.text[rows]).reshape(len(rows), -1)
+            _, first, answer = np.unique(features.view(np.dtype((np.void, features.dtype.itemsize * features.shape[1]))).ravel(),
+                                         return_index=True, return_inverse=True)
+            if len(first) < 2:
+                raise ValueError(f"split {split!r} has {len(first)} distinct caption(s); retrieval needs at least 2")
+            # Answers in the order their first caption appears, so that names read like the split.
+            order = np.argsort(first)
+            position = np.empty_like(order)
+            position[order] = np.arange(len(order))
+            names = engine.manifest["caption"].iloc[rows[first[order]]].astype(str).tolist()
+            prompts = ZeroShotPrompts.from_arrays(engine.text[rows[first[order]]], np.arange(len(order)), names)
+            engine.cache[key] = (prompts, dict(zip(rows.tolist(), position[answer.ravel()].tolist())))
         return engine.cache[key]
 
 
@@ -99,11 +107,38 @@ def candidate_prompts(engine: Engine, candidates: str | None) -> ZeroShotPrompts
     return caption_candidates(engine, candidates)[0]
 
 
-def item_targets(engine: Engine, uids: list[str]) -> Items:
-    """What each item is asked (see :class:`Items`): its class when it has one, else its caption.
+def _questions(engine: Engine, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For manifest ``rows``: right-answer index, candidates (``None`` or a split) and why an item cannot be asked ("" if it can).
 
-    Raises ``KeyError`` for an unknown uid and ``ValueError`` for an item with neither a zero-shot
-    class nor a caption among at least two in its split.
+    An item with a label is asked for its class, and cannot be if the label is not a zero-shot
+    class; an item without one is asked for its caption among its split's.
+    """
+    labels = engine.manifest["label"].iloc[rows] if "label" in engine.manifest.columns else pd.Series([None] * len(rows))
+    unlabelled = labels.isna().to_numpy() | (engine.prompts is None)
+    answers = np.full(len(rows), -1, dtype=np.int64)
+    problems = np.full(len(rows), "", dtype=object)
+    if not unlabelled.all():
+        answers[~unlabelled] = _class_index(engine, labels[~unlabelled])
+        problems[~unlabelled & (answers < 0)] = "its label is not one of the zero-shot classes"
+    splits = engine.manifest["split"].iloc[rows].astype(str).to_numpy()
+    candidates = np.where(unlabelled, splits, None).astype(object)
+    for split in np.unique(splits[unlabelled]):
+        asked = unlabelled & (splits == split)
+        try:
+            answer_of_row = caption_candidates(engine, split)[1]
+        except ValueError as error:
+            problems[asked] = str(error)
+            continue
+        answers[asked] = [answer_of_row[int(row)] for row in rows[asked]]
+    return answers, candidates, problems
+
+
+def item_targets(engine: Engine, uids: list[str]) -> Items:
+    """What each item is asked (see :class:`Items`): its class when it has a label, else its caption.
+
+    Items are sorted by manifest row, each once.  Raises ``KeyError`` for an unknown uid and
+    ``ValueError`` for an item that cannot be asked (a label that is not a zero-shot class, or a
+    split with fewer than two distinct captions).
     """
     if not uids:
         raise ValueError("trace needs at least one item uid")
@@ -111,38 +146,25 @@ def item_targets(engine: Engine, uids: list[str]) -> Items:
     missing = [str(uid) for uid in uids if str(uid) not in positions]
     if missing:
         raise KeyError(f"no item with uid {', '.join(map(repr, missing[:5]))} in {engine.run.directory}")
-    rows = sorted({positions[str(uid)] for uid in uids})
-    items = engine.manifest.iloc[rows]
-    classes = _class_index(engine, items["label"]) if engine.prompts is not None and "label" in items else np.full(len(rows), -1)
-    answers, candidates = [], []
-    for (_, item), label in zip(items.iterrows(), classes):
-        if label >= 0:
-            answers.append(int(label))
-            candidates.append(None)
-            continue
-        split = str(item["split"])
-        caption = item["caption"]
-        if pd.isna(caption) or not str(caption).strip():
-            raise ValueError(f"item {item['uid']!r} has neither a zero-shot class nor a caption to retrieve")
-        answers.append(caption_candidates(engine, split)[1][str(caption)])
-        candidates.append(split)
-    return Items(tuple(rows), tuple(answers), tuple(candidates))
+    rows = np.asarray(sorted({positions[str(uid)] for uid in uids}), dtype=np.int64)
+    answers, candidates, problems = _questions(engine, rows)
+    if (problems != "").any():
+        bad = [f"{engine.manifest['uid'].iloc[row]!r} ({problem})" for row, problem in zip(rows, problems) if problem][:5]
+        raise ValueError(f"item {', '.join(bad)} cannot be traced")
+    return Items(tuple(rows.tolist()), tuple(answers.tolist()), tuple(candidates.tolist()))
 
 
 def items_loss(engine: Engine, items: Items) -> TestFunction:
     """``φ(θ)`` = the items' mean cross-entropy of their right answers (nats)."""
-    asked = [
-        (engine.image_tensor(np.asarray(items.rows)[positions]), torch.tensor(np.asarray(items.answers)[positions]),
-         candidate_prompts(engine, candidates))
+    parts = [
+        (len(positions) / len(items.rows),
+         zero_shot_loss(engine.scope, engine.image_tensor(np.asarray(items.rows)[positions]),
+                        torch.as_tensor(np.asarray(items.answers)[positions]), candidate_prompts(engine, candidates)))
         for candidates, positions in items.groups()
     ]
 
     def function(theta: Tensor) -> Tensor:
-        total = sum(
-            torch.nn.functional.cross_entropy(zero_shot_logits(engine.scope, theta, image, prompts), answers, reduction="sum")
-            for image, answers, prompts in asked
-        )
-        return total / len(items.rows)
+        return sum(weight * loss(theta) for weight, loss in parts)
 
     return function
 
@@ -159,24 +181,28 @@ def zero_shot_answers(
 
     ``prompts`` defaults to the run's class prompts.  Arrays ``[k]``: ``label`` and ``predicted``
     (answer names: classes, or captions for retrieval), ``prob_true``, ``prob_predicted``, ``loss``
-    (cross-entropy in nats) and ``correct``.
+    (cross-entropy in nats) and ``correct``.  Memory ``O(chunk · candidates)``, whatever ``k``.
     """
     prompts = engine.prompts if prompts is None else prompts
-    rows, classes = np.asarray(rows), np.asarray(classes)
-    probabilities = []
+    rows, classes = np.asarray(rows), np.asarray(classes, dtype=np.int64)
+    predicted = np.zeros(len(rows), dtype=np.int64)
+    log_true, log_predicted = np.zeros(len(rows)), np.zeros(len(rows))
     with torch.no_grad():
+        answers = class_embeddings(engine.scope, theta, prompts)
         for start in range(0, len(rows), ANSWER_CHUNK):
-            logits = zero_shot_logits(engine.scope, theta, engine.image_tensor(rows[start : start + ANSWER_CHUNK]), prompts)
-            probabilities.append(torch.softmax(logits, dim=1).numpy())
-    probabilities = np.concatenate(probabilities) if probabilities else np.zeros((0, len(prompts.names)))
-    predicted = probabilities.argmax(axis=1)
-    names, positions = np.asarray(prompts.names, dtype=object), np.arange(len(classes))
+            chunk = slice(start, start + ANSWER_CHUNK)
+            log_p = torch.log_softmax(logits_against(engine.scope, theta, engine.image_tensor(rows[chunk]), answers), dim=1)
+            best = log_p.argmax(dim=1)
+            predicted[chunk] = best.numpy()
+            log_true[chunk] = log_p.gather(1, torch.as_tensor(classes[chunk])[:, None])[:, 0].numpy()
+            log_predicted[chunk] = log_p.gather(1, best[:, None])[:, 0].numpy()
+    names = np.asarray(prompts.names, dtype=object)
     return {
         "label": names[classes],
         "predicted": names[predicted],
-        "prob_true": probabilities[positions, classes],
-        "prob_predicted": probabilities[positions, predicted],
-        "loss": -np.log(np.maximum(probabilities[positions, classes], 1e-300)),
+        "prob_true": np.exp(log_true),
+        "prob_predicted": np.exp(log_predicted),
+        "loss": -log_true,
         "correct": predicted == classes,
     }
 
@@ -189,9 +215,7 @@ def item_answers(engine: Engine, theta: Tensor, items: Items) -> dict[str, np.nd
         part = zero_shot_answers(engine, theta, rows[positions], classes[positions], candidate_prompts(engine, candidates))
         part["kind"] = np.full(len(positions), ZERO_SHOT if candidates is None else RETRIEVAL, dtype=object)
         for name, values in part.items():
-            if name not in answers:
-                answers[name] = np.empty(len(rows), dtype=values.dtype if values.dtype != bool else bool)
-            answers[name][positions] = values
+            answers.setdefault(name, np.empty(len(rows), dtype=values.dtype))[positions] = values
     return answers
 
 
@@ -199,29 +223,23 @@ PREDICTION_COLUMNS = ["row", "uid", "filepath", "caption", "split", "kind", "lab
 
 
 def predictions_table(run: Run | str, splits: list[str]) -> pd.DataFrame:
-    """The fine-tuned model's answer for every item of ``splits``, wrong first.
+    """The fine-tuned model's answer for every item of ``splits`` that can be asked, wrong first.
 
-    An item with a zero-shot class is classified against the class prompts (``kind`` zero-shot,
-    ``label`` its class); an item without one retrieves a caption among its split's distinct
-    captions (``kind`` retrieval, ``label`` its own caption).  Columns: ``row``, ``uid``,
-    ``filepath``, ``caption``, ``split``, ``kind``, ``label``, ``predicted``, ``prob_true``,
+    An item with a label is classified against the class prompts (``kind`` zero-shot, ``label``
+    its class; left out if the label is not a zero-shot class); an item without one retrieves a
+    caption among its split's distinct captions (``kind`` retrieval, ``label`` its own caption;
+    left out if the split has fewer than two).  Columns: ``row``, ``uid``, ``filepath``,
+    ``caption``, ``split``, ``kind``, ``label``, ``predicted``, ``prob_true``,
     ``prob_predicted``, ``loss`` (nats), ``correct``.
     """
     engine = load_engine(run)
-    rows = np.concatenate([split_rows(engine.manifest, split) for split in dict.fromkeys(splits)])
-    captions = engine.manifest["caption"].iloc[rows]
-    has_class = _class_index(engine, engine.manifest["label"].iloc[rows]) >= 0 if engine.prompts is not None else np.zeros(len(rows), bool)
-    # An item needs a class or a caption to be asked anything; a split of one distinct caption asks nothing.
-    askable = has_class | (captions.notna() & (captions.astype(str).str.strip() != "")).to_numpy()
-    splits_of = engine.manifest["split"].iloc[rows].astype(str).to_numpy()
-    for split in np.unique(splits_of[~has_class]):
-        if engine.manifest["caption"].iloc[split_rows(engine.manifest, split)].astype(str).nunique() < 2:
-            askable &= ~((splits_of == split) & ~has_class)
-    rows = rows[askable]
-    if not len(rows):
-        return pd.DataFrame(columns=PREDICTION_COLUMNS)
-    items = item_targets(engine, engine.manifest["uid"].iloc[rows].astype(str).tolist())
-    chosen = engine.manifest.iloc[list(items.rows)]
+    rows = np.unique(np.concatenate([split_rows(engine.manifest, split) for split in dict.fromkeys(splits)]))
+    answers, candidates, problems = _questions(engine, rows)
+    askable = problems == ""
+    if not askable.any():
+        return pd.DataFrame({column: pd.Series(dtype=bool if column == "correct" else object) for column in PREDICTION_COLUMNS})
+    items = Items(tuple(rows[askable].tolist()), tuple(answers[askable].tolist()), tuple(candidates[askable].tolist()))
+    chosen = engine.manifest.iloc[rows[askable]]
     details = {name: chosen[name].to_numpy() for name in ("uid", "filepath", "caption", "split")}
     table = pd.DataFrame({"row": items.rows, **details, **item_answers(engine, engine.theta, items)})[PREDICTION_COLUMNS]
     return table.sort_values(["correct", "loss"], ascending=[True, False]).reset_index(drop=True)
@@ -376,4 +394,4 @@ def mispredictions(run: Run | str) -> pd.DataFrame:
     else:
         settings = run.info.get("settings", {})
         table = predictions_table(run, splits=[settings.get("test_split", "test"), settings.get("trusted_split", "val")])
-    return table[~table["correct"]].reset_index(drop=True)
+    return table[~table["correct"].astype(bool)].reset_index(drop=True)
