@@ -151,3 +151,22 @@ def test_trace_bench_checks_culprits_by_retraining(scored_demo_run, tmp_path):
     assert "Are the culprits real?" in "\n".join(bench_trace.verification_markdown(verified, args, first["predicted"]))
     again = bench_trace.verify_culprits(run, mistakes, args, cache_dir=tmp_path)  # resumed from the stored heads
     assert again["summary"] == verified["summary"]
+
+
+@pytest.mark.slow
+def test_detect_disagreements_retrains_where_ecif_and_the_planted_labels_disagree(scored_demo_run, tmp_path, monkeypatch):
+    """bench/detect_disagreements.py on the shared demo run (10% random captions), two pairs per side (about 20 s)."""
+    import detect_disagreements
+    from fidelity import RetrainCache
+
+    from ecif.run import Run
+
+    monkeypatch.setattr(detect_disagreements, "scored_demo_run", lambda *args, **kwargs: Run(scored_demo_run))
+    monkeypatch.setattr(detect_disagreements, "RetrainCache", lambda directory: RetrainCache(tmp_path / "retrained"))
+    result = detect_disagreements.main(["--k", "2", "--results", str(tmp_path)])
+    assert (tmp_path / "detect-disagreements.md").exists()
+    planted, genuine = result["table"]
+    assert planted[1] == genuine[1] == 2
+    # The planted pairs ECIF calls valuable really are, and the genuine ones it calls harmful really are.
+    assert planted[4] == genuine[4] == "2 of 2", result["records"]
+    assert planted[3] > 0 > genuine[3]
