@@ -213,16 +213,17 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
     return {"singles": singles, "groups": groups, "confusion": confusion, "summary": summary, "group_rows": group_rows}
 
 
-def verification_markdown(verified: dict | None, args, wrong: str) -> list[str]:
+def verification_markdown(verified: dict | None, args, mistakes: str) -> list[str]:
+    """The two tables of :func:`verify_culprits`; ``mistakes`` says what the verified items are ("mistakes (as circle)")."""
     if not verified:
         return []
     items = len({record["uid"] for record in verified["groups"]})
     return [
-        f"## Are the culprits real?  Actual re-fine-tuning for {items} mistakes (as {wrong})",
+        f"## Are the culprits real?  Actual re-fine-tuning for {items} {mistakes}",
         "",
         f"Each top-{args.top_k} culprit of these items under the three rankings (relative and plain with both roles, "
         f"plain positive role) was removed alone and the heads re-fine-tuned from θ̂ to a gradient norm of "
-        f"{args.tolerance:g}; the change of the item's zero-shot loss (nats; negative = removing the pair fixes "
+        f"{args.tolerance:g}; the change of the item's loss (nats; negative = removing the pair fixes "
         "the item a little) against ECIF's prediction:",
         "",
         markdown_table(["culprits", "n", "mean predicted", "mean actual", "share whose removal actually lowers the loss",
@@ -363,7 +364,7 @@ def main(argv=None) -> dict:
         f"**Target** precision@{args.top_k} ≥ {TARGET_PRECISION} (mistakes as {wrong}, one at a time): " + verdict(rows[0]),
         "",
         *([f"Traced together as one confusion: {verdict(rows[-1])}", ""] if len(rows) > 3 else []),
-        *verification_markdown(verified, args, wrong),
+        *verification_markdown(verified, args, f"mistakes (as {wrong})"),
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])
     payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "items": per_item, "verified": verified,

@@ -100,20 +100,7 @@ def main(argv=None) -> dict:
                                                       ["both roles, plain", float(shares["plain"].mean())],
                                                       ["positive role, plain", float(shares["positive"].mean())]]),
         "",
-        f"## Are the culprits real?  Actual re-fine-tuning for {len(mistakes)} wrong retrievals",
-        "",
-        f"Each top-{args.top_k} culprit under the three rankings removed alone, the heads re-fine-tuned from θ̂ to a "
-        f"gradient norm of {args.tolerance:g}; the change of the item's loss (nats) against ECIF's prediction:",
-        "",
-        markdown_table(["culprits", "n", "mean predicted", "mean actual", "share whose removal actually lowers the loss",
-                        "Pearson", "Spearman"], verified["summary"]),
-        "",
-        f"Each ranking's top {args.top_k} removed together (first per item, means over the items; then the "
-        f"{len(mistakes)} items traced together):",
-        "",
-        markdown_table(["traced", "planted share", "predicted change of the loss", "actual change",
-                        "items right after the removal"], verified["group_rows"]),
-        "",
+        *bench_trace.verification_markdown(verified, args, "wrong retrievals"),
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])
     payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "verified": verified,

@@ -148,7 +148,7 @@ def test_trace_bench_checks_culprits_by_retraining(scored_demo_run, tmp_path):
     assert len(verified["group_rows"]) == (6 if len(mistakes) > 1 else 3)
     for row in verified["group_rows"]:
         assert np.sign(row[2]) == np.sign(row[3]) == -1  # removing culprits is predicted to, and does, lower the loss
-    assert "Are the culprits real?" in "\n".join(bench_trace.verification_markdown(verified, args, first["predicted"]))
+    assert "Are the culprits real?" in "\n".join(bench_trace.verification_markdown(verified, args, f"mistakes (as {first['predicted']})"))
     again = bench_trace.verify_culprits(run, mistakes, args, cache_dir=tmp_path)  # resumed from the stored heads
     assert again["summary"] == verified["summary"]
 

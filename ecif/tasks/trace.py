@@ -39,13 +39,6 @@ RankBy = Literal["total", "positive"]
 StepNorm = Literal["hessian", "euclidean"]
 
 
-def _class_index(engine: Engine, labels: pd.Series) -> np.ndarray:
-    if engine.prompts is None:
-        raise ValueError(f"{engine.run.directory} has no zero-shot classes (the manifest has no labels)")
-    lookup = {name: position for position, name in enumerate(engine.prompts.names)}
-    return np.asarray([lookup.get(str(label), -1) if not pd.isna(label) else -1 for label in labels])
-
-
 ZERO_SHOT, RETRIEVAL = "zero-shot", "retrieval"
 
 
@@ -118,7 +111,8 @@ def _questions(engine: Engine, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray
     answers = np.full(len(rows), -1, dtype=np.int64)
     problems = np.full(len(rows), "", dtype=object)
     if not unlabelled.all():
-        answers[~unlabelled] = _class_index(engine, labels[~unlabelled])
+        class_of = {name: position for position, name in enumerate(engine.prompts.names)}
+        answers[~unlabelled] = [class_of.get(str(label), -1) for label in labels[~unlabelled]]
         problems[~unlabelled & (answers < 0)] = "its label is not one of the zero-shot classes"
     splits = engine.manifest["split"].iloc[rows].astype(str).to_numpy()
     candidates = np.where(unlabelled, splits, None).astype(object)
