@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make app    install what is needed and open the app on the built-in demo
 #   make test   install what is needed (incl. Chromium for the browser test) and run the tests
+# and one more for the slow ground-truth checks (retraining, leave-one-out), which CI also runs:
+#   make test-slow
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,20 +22,24 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[dev,bench,ray]"
 	touch $(BENCH_STAMP)
 
-.PHONY: install app test chromium demo bench
+.PHONY: install app test test-slow chromium demo bench
 install: $(STAMP)
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null)
 
+# ARGS: more options for `ecif app` (e.g. ARGS="--port 8600"); bench/first_contact.py uses it.
 app: $(STAMP)
-	$(BIN)/ecif app
+	$(BIN)/ecif app $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/ecif demo
 
 test: $(BENCH_STAMP) chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(BENCH_STAMP) chromium
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/fidelity.py

@@ -14,6 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 # Streamlit puts this folder on sys.path for `streamlit run`; AppTest and other runners may not.
+# (Installed from the wheel, this folder is site-packages/ecif_app: `views` is found the same way.)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from views import common, export, load, mispredictions, plots, review, whatif  # noqa: E402
@@ -29,6 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main() -> None:
+    common.hide_developer_toolbar()
     st.set_page_config(page_title="ecif · curate CLIP data", page_icon="🧹", layout="wide")
     args = parse_args(sys.argv[1:])
     launch_run = (args.run or run_dir_for(args.manifest)).expanduser().resolve()

@@ -128,29 +128,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _default_demo_manifest(args: argparse.Namespace) -> Path:
     from ecif.data import make_demo_data
     from ecif.paths import cache_dir
+    from ecif.tasks.pipeline import DemoDataConfig
 
-    folder = cache_dir() / "demo-data" / "shapes-3000-0.1-random-caption-0"
+    demo = DemoDataConfig()
+    folder = cache_dir() / "demo-data" / f"{demo.name}-{demo.n}-{demo.noise}-{demo.corruption}-{demo.seed}"
     manifest = folder / "manifest.csv"
     if not manifest.exists():
-        make_demo_data("shapes", folder, n=3000, noise=0.1, corruption="random-caption", seed=0, reporter=_reporter(args))
+        make_demo_data(demo.name, folder, n=demo.n, noise=demo.noise, corruption=demo.corruption, seed=demo.seed, reporter=_reporter(args))
     return manifest
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from ecif.data import load_manifest
     from ecif.models import load_model, train_demo_model, zero_shot_accuracy
+    from ecif.models.demo import shipped_demo_record, write_shipped_demo_model
+    from ecif.tasks.pipeline import DemoDataConfig
 
+    if args.write_asset and args.manifest:
+        raise SystemExit("--write-asset stores the model of the default demo; leave out --manifest")
     manifest = load_manifest(args.manifest or _default_demo_manifest(args), reporter=_reporter(args))
-    checkpoint = train_demo_model(manifest, reporter=_reporter(args))
+    if manifest.classes is None:
+        raise SystemExit("the manifest has no labels, so zero-shot accuracy cannot be measured")
+    # Always trained (or taken from the training cache), never the shipped copy: this is how the
+    # shipped model is made and checked.
+    checkpoint = train_demo_model(manifest, reporter=_reporter(args), use_shipped=False)
     loaded = load_model("ecif-demo", checkpoint=checkpoint)
     frame = manifest.frame
     test = frame[frame["split"] == args.split].reset_index(drop=True)
-    if manifest.classes is None:
-        raise SystemExit("the manifest has no labels, so zero-shot accuracy cannot be measured")
     accuracy = zero_shot_accuracy(loaded, test, manifest.classes)
     chance = 1.0 / len(manifest.classes.names)
     payload = {"checkpoint": str(checkpoint), "split": args.split, "zero_shot_accuracy": accuracy, "chance": chance, "items": len(test)}
-    _emit(args, payload, f"demo model: {checkpoint}\nzero-shot accuracy on {len(test)} {args.split} items: {accuracy:.1%} (chance {chance:.0%})")
+    text = f"demo model: {checkpoint}\nzero-shot accuracy on {len(test)} {args.split} items: {accuracy:.1%} (chance {chance:.0%})"
+    record = shipped_demo_record()
+    shipped = (record or {}).get("zero_shot_accuracy", {}).get(args.split)
+    if shipped is not None and not args.manifest:
+        payload["shipped_zero_shot_accuracy"] = shipped
+        text += f"\nthe shipped model: {shipped:.1%}"
+    if args.write_asset:
+        payload["asset"] = str(write_shipped_demo_model(checkpoint, manifest, asdict(DemoDataConfig()), accuracy={args.split: accuracy}))
+        text += f"\nwrote the shipped model {payload['asset']}"
+    _emit(args, payload, text)
     return 0
 
 
@@ -394,15 +413,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ecif.curation.export import export_run
+    from ecif.curation.export import OPEN_CLIP_CSV_OPTIONS, export_run
 
     run = _open_run(args.run)
     result = export_run(run, Path(args.out), formats=tuple(args.formats.split(",")))
     payload = result if isinstance(result, dict) else vars(result)
     counts = payload.get("counts", {})
-    files = "\n".join(f"  {kind:<10} {path}" for kind, path in payload.get("files", {}).items())
+    files = "\n".join(f"  {kind:<14} {path}" for kind, path in payload.get("files", {}).items())
     summary = ", ".join(f"{name} {value}" for name, value in counts.items())
-    _emit(args, payload, f"exported to {args.out} ({summary})\n{files}")
+    splits = ", ".join(f"{name} {value}" for name, value in payload.get("splits", {}).items())
+    text = f"exported to {args.out} ({summary}; per split file: {splits})\n{files}"
+    if "train_csv" in payload.get("files", {}):
+        text += (f"\ntrain with open_clip on the train split only: python -m open_clip_train.main "
+                 f"--train-data {payload['files']['train_csv']} {OPEN_CLIP_CSV_OPTIONS}")
+    _emit(args, payload, text)
     return 0
 
 
@@ -467,9 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_validate)
 
-    p = commands.add_parser("train-demo", help="train (or reuse) the small demo model and report its zero-shot accuracy")
+    p = commands.add_parser("train-demo", help="train the small demo model from scratch (cached) and report its zero-shot accuracy")
     p.add_argument("--manifest", help="demo manifest (default: shapes, n=3000, 10%% random-caption noise)")
     p.add_argument("--split", default="test")
+    p.add_argument("--write-asset", action="store_true", help="store the trained model as the shipped one (assets/models)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_train_demo)
 
@@ -553,10 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_edit)
 
-    p = commands.add_parser("export", help="export the cleaned manifest, uid list, decisions and run.json")
+    p = commands.add_parser("export", help="export the cleaned manifest one file per split (train.csv, val.csv, test.csv, ...), "
+                            "uid lists, decisions and run.json")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--formats", default="csv,jsonl,parquet")
+    p.add_argument("--formats", default="csv,jsonl,parquet",
+                   help="comma-separated, of csv, tsv, jsonl, parquet; each written as train.FMT, val.FMT and test.FMT "
+                   "(default: csv,jsonl,parquet)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_export)
 
@@ -574,23 +602,39 @@ def main(argv: list[str] | None = None) -> int:
     from ecif.progress import Cancelled
 
     args = build_parser().parse_args(argv)
+
+    def fail(error: BaseException, message: str, code: int = 1, prefix: str = "error: ") -> int:
+        """One line on stderr; with ``--json`` also ``{"error", "kind", "file"}`` on stdout for scripts."""
+        message = " ".join(message.split())
+        tqdm = sys.modules.get("tqdm")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+            bar.close()  # a progress bar left open would share the error's line
+        if getattr(args, "json", False):
+            file = getattr(error, "path", None) or getattr(error, "filename", None)
+            if file is None and isinstance(error, ManifestError):
+                file = getattr(args, "manifest", None)
+            payload = {"error": message, "kind": type(error).__name__, "file": None if file is None else str(file)}
+            print(json.dumps(payload))
+        print(f"{prefix}{message}", file=sys.stderr)
+        return code
+
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume from the cache", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        return fail(error, "interrupted; run the same command again to resume from the cache", 130, "\n")
     except Cancelled as error:
-        print(f"cancelled: {error}", file=sys.stderr)
-        return 130
+        return fail(error, str(error), 130, "cancelled: ")
     except (ManifestError, FileNotFoundError, KeyError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return fail(error, str(error))
+    except SystemExit as error:  # a command's own refusal, e.g. "not a scored run"
+        if isinstance(error.code, str):
+            return fail(error, error.code)
+        raise
     except Exception as error:  # a clear one-line error for known library failures
         from ecif.models.open_clip_models import ModelLoadError
 
         if isinstance(error, ModelLoadError):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            return fail(error, str(error))
         raise
 
 

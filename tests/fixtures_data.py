@@ -85,3 +85,67 @@ def shapes_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_data(
         "shapes", tmp_path_factory.mktemp("shapes"), n=3000, noise=0.1, corruption="random-caption", seed=0
     )
+
+
+#: The broken compressed manifests of :func:`write_broken_compressed_manifests`: file name ->
+#: what the ManifestError must say about it (a regular expression).
+BROKEN_COMPRESSED = {
+    "truncated.csv.gz": r"gzip-compressed csv: the gzip data ends early; the file is truncated",
+    "garbage.csv.gz": r"gzip-compressed csv: corrupt gzip data",
+    "bad-deflate.csv.gz": r"gzip-compressed csv: corrupt gzip data",
+    "truncated.jsonl.gz": r"gzip-compressed jsonl: the gzip data ends early",
+    "latin1.csv.gz": r"gzip-compressed csv: not UTF-8 text",
+    "truncated.csv.bz2": r"bzip2-compressed csv: the bzip2 data ends early",
+    "garbage.csv.xz": r"xz-compressed csv: corrupt xz data",
+    "truncated.csv.zip": r"zip-compressed csv: not a valid zip archive, truncated or corrupt",
+    "garbage.csv.zip": r"zip-compressed csv: not a valid zip archive, truncated or corrupt",
+    "no-member.csv.zip": r"the zip archive holds no file",
+    "two-members.csv.zip": r"the zip archive holds 2 files \(a\.csv, b\.csv\)",
+    "bad-member.csv.zip": r"zip-compressed csv: corrupt zip data",
+}
+
+
+def write_broken_compressed_manifests(folder: Path) -> dict[str, Path]:
+    """Every file of ``BROKEN_COMPRESSED`` in ``folder``, made from a valid 400-row manifest."""
+    import bz2
+    import gzip
+    import io
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    csv = ("filepath,caption\n" + "".join(f"img{i}.png,a photo number {i}\n" for i in range(400))).encode()
+    jsonl = "".join(f'{{"filepath": "img{i}.png", "caption": "a photo number {i}"}}\n' for i in range(400)).encode()
+
+    def zipped(members: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+        return buffer.getvalue()
+
+    gz, whole_zip = gzip.compress(csv, mtime=0), zipped({"m.csv": csv})
+    bad_deflate = bytearray(gz)
+    bad_deflate[10] = 0xFF  # the first deflate block header: an invalid block type
+    bad_member = bytearray(whole_zip)
+    start = 30 + len("m.csv")  # the member's data, after its local header
+    bad_member[start] = 0xFF
+    contents = {
+        "truncated.csv.gz": gz[: len(gz) // 2],
+        "garbage.csv.gz": b"these bytes are no gzip stream at all\n" * 20,
+        "bad-deflate.csv.gz": bytes(bad_deflate),
+        "truncated.jsonl.gz": gzip.compress(jsonl, mtime=0)[:200],
+        "latin1.csv.gz": gzip.compress("filepath,caption\nimg0.png,un café crème\n".encode("latin-1"), mtime=0),
+        "truncated.csv.bz2": bz2.compress(csv)[:300],
+        "garbage.csv.xz": b"\xfd7zXZ\x00" + b"not really xz" * 20,
+        "truncated.csv.zip": whole_zip[: len(whole_zip) // 2],
+        "garbage.csv.zip": b"PK\x03\x04" + b"no zip archive follows" * 20,
+        "no-member.csv.zip": zipped({}),
+        "two-members.csv.zip": zipped({"a.csv": csv, "b.csv": csv}),
+        "bad-member.csv.zip": bytes(bad_member),
+    }
+    assert set(contents) == set(BROKEN_COMPRESSED)
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths

@@ -136,7 +136,8 @@ def test_export_page_writes_files(run, tmp_path: Path) -> None:
     at.text_input(key="export_dir").input(str(tmp_path / "out")).run()
     at.button(key="export_go").click().run()
     assert not at.exception
-    assert (tmp_path / "out" / "manifest.csv").exists() and (tmp_path / "out" / "uids.txt").exists()
+    assert (tmp_path / "out" / "train.csv").exists() and (tmp_path / "out" / "train_uids.txt").exists()
+    assert (tmp_path / "out" / "val.csv").exists() and (tmp_path / "out" / "test.csv").exists()
 
 
 def test_launch_run_is_scored_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,7 +202,8 @@ def test_misprediction_trace_shows_culprits_with_decisions(run, monkeypatch: pyt
     at = app(run, "mispredictions", item=item)
     assert not at.exception and calls == [([item], 8, True, "total")]
     cards = " ".join(element.value for element in at.get("html"))
-    assert "score -1.23" in cards and "-0.713" in cards and "+0.064" in cards  # the trace's score and role bars
+    # The trace's score and role bars, written by ecif.curation.units.si_format (true minus sign).
+    assert "score −1.23" in cards and "−0.713" in cards and "+0.0641" in cards
     at.radio(key="mp_rank_by").set_value("positive role only (own caption)").run()
     assert not at.exception and calls[-1] == ([item], 8, True, "positive")
     assert any("through their own caption" in header.value for header in at.subheader)

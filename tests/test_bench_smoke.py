@@ -74,6 +74,7 @@ def toy_engine():
     return engine, phi, influence
 
 
+@pytest.mark.slow  # retrains the toy for leave-one-out and leave-set-out
 def test_fidelity_measurements_run_on_the_toy(toy_engine, tmp_path):
     import fidelity
 

@@ -80,6 +80,7 @@ def block_toy():
     return toy, dense, phi, influence_on(toy.problem, toy.theta, dense, gradient_of(phi, toy.theta))
 
 
+@pytest.mark.slow  # builds the blocks toy's dense reference / scores a blocks run (minutes on two cores)
 def test_conjugate_gradient_and_low_rank_solvers_agree_with_the_dense_reference(block_toy) -> None:
     toy, dense, phi, reference = block_toy
     assert toy.problem.scope.size == 1296 and toy.problem.data.image.ndim == 3
@@ -94,13 +95,17 @@ def test_conjugate_gradient_and_low_rank_solvers_agree_with_the_dense_reference(
     assert spearmanr(exact, approximate)[0] >= 0.95
 
 
-def test_ekfac_refuses_the_blocks_scope(block_toy, tmp_path) -> None:
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
-
+@pytest.mark.slow  # builds the blocks toy's dense reference
+def test_ekfac_solvers_refuse_the_blocks_scope(block_toy) -> None:
     toy, *_ = block_toy
     with pytest.raises(ValueError, match="EK-FAC covers the projection heads"):
         build_solver(toy.problem, toy.theta, CurvatureConfig(solver="ekfac"))
-    # A run is refused before any work, not after a long fine-tuning.
+
+
+def test_a_blocks_run_with_ekfac_is_refused_before_any_work(tmp_path) -> None:
+    from ecif.tasks.pipeline import RunConfig, run_pipeline
+
+    # Refused before any work, not after a long fine-tuning.
     config = RunConfig(run_dir=tmp_path / "run", finetune=FinetuneConfig(blocks=1), curvature=CurvatureConfig(solver="ekfac-cg"))
     with pytest.raises(ValueError, match="covers the projection heads only"):
         run_pipeline(config)
@@ -145,6 +150,7 @@ def blocks_run(scored_demo_run, tmp_path_factory):
     return run_pipeline(config)
 
 
+@pytest.mark.slow  # builds the blocks toy's dense reference / scores a blocks run (minutes on two cores)
 def test_a_blocks_run_scores_traces_and_edits(blocks_run) -> None:
     import ecif
     from ecif.tasks.engine import load_engine

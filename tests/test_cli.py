@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ecif.cli import main
-from fixtures_data import write_bad_manifest
+from fixtures_data import BROKEN_COMPRESSED, write_bad_manifest, write_broken_compressed_manifests
 
 
 def _json(capsys, argv) -> object:
@@ -122,3 +123,77 @@ def test_choices_written_out_in_the_parser_match_the_library():
     assert choices("detect", "--method") == list(typing.get_args(typing.get_type_hints(flag)["method"]))
     assert choices("trace", "--rank-by") == list(typing.get_args(typing.get_type_hints(trace)["rank_by"]))
     assert set(INFLUENCE_COLUMNS) <= set(SUSPICION)
+
+
+# ---------------------------------------------------------------- broken manifests: clear errors
+
+
+def _one_line_error(capsys, argv: list[str], path) -> str:
+    """Runs ``argv``: exit code 1, nothing on stdout, one ``error: ...`` line naming ``path`` on stderr
+    (after progress bars, which a terminal shows on that same line and clears with ``\\r``)."""
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = captured.err.rsplit("\r", 1)[-1]
+    assert line.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert str(path) in line and "Traceback" not in captured.err
+    return line
+
+
+def _json_error(capsys, argv: list[str], path) -> dict:
+    """Runs ``argv`` with --json: exit code 1 and the error as one JSON object on stdout."""
+    assert main([*argv, "--json"]) == 1
+    payload = json.loads(capsys.readouterr().out)
+    assert set(payload) == {"error", "kind", "file"}
+    assert payload["kind"] == "ManifestError" and payload["file"] == str(path) and str(path) in payload["error"]
+    return payload
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_COMPRESSED))
+def test_validate_broken_compressed_manifest_is_one_clear_line(tmp_path, capsys, name):
+    path = write_broken_compressed_manifests(tmp_path)[name]
+    assert re.search(BROKEN_COMPRESSED[name], _one_line_error(capsys, ["validate", str(path)], path))
+    assert re.search(BROKEN_COMPRESSED[name], _json_error(capsys, ["validate", str(path)], path)["error"])
+
+
+@pytest.mark.parametrize("name", ["truncated.csv.gz", "truncated.csv.zip"])
+def test_score_on_a_broken_compressed_manifest_is_one_clear_line(tmp_path, capsys, name):
+    """The pipeline shares the loader: the same error, before any model work."""
+    path = write_broken_compressed_manifests(tmp_path)[name]
+    argv = ["score", "--manifest", str(path), "--out", str(tmp_path / "run")]
+    assert re.search(BROKEN_COMPRESSED[name], _one_line_error(capsys, argv, path))
+    _json_error(capsys, argv, path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.csv", None, "file not found"),
+        ("empty.csv", b"", "empty file"),
+        ("header.csv", b"filepath,caption\n", "no data rows"),
+        ("nocaption.csv", b"filepath,words\na.png,hi\n", "no caption column"),
+        ("allbad.csv", b"filepath,caption\nnowhere.png,hi\n", "none of the 1 rows is usable"),
+    ],
+)
+def test_validate_json_reports_every_manifest_error(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert message in _json_error(capsys, ["validate", str(path)], path)["error"]
+    assert message in _one_line_error(capsys, ["validate", str(path)], path)
+
+
+def test_other_json_commands_report_errors_as_json(tmp_path, capsys):
+    """A command's own refusal (here: a folder that is not a scored run) is JSON too with --json."""
+    assert main(["detect", "--run", str(tmp_path), "--json"]) == 1
+    payload = json.loads(capsys.readouterr().out)
+    assert "not a scored run" in payload["error"] and payload["kind"] == "SystemExit"
+
+
+def test_broken_manifest_from_the_shell_has_no_traceback(tmp_path):
+    path = write_broken_compressed_manifests(tmp_path)["truncated.csv.gz"]
+    result = subprocess.run([sys.executable, "-m", "ecif.cli", "validate", str(path)], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and str(path) in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "ecif.cli", "validate", str(path), "--json"], capture_output=True, text=True)
+    assert result.returncode == 1 and json.loads(result.stdout)["file"] == str(path)

@@ -259,13 +259,16 @@ def test_full_curation_flow(run_copy: Path, servers, new_page, tmp_path: Path) -
     assert_no_exception(page)
     screenshot(page, "04-export.png")
 
-    csv = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    splits = {split: pd.read_csv(out / f"{split}.csv", keep_default_na=False) for split in ("train", "val", "test")}
+    csv = splits["train"]  # what open_clip trains on: the train split alone
     assert list(csv.columns[:2]) == ["filepath", "title"]
     assert top["uid"] not in set(csv["uid"])
     manifest = Run(run_copy).manifest()
-    assert len(csv) == len(manifest) - 1  # every split, minus the one dropped pair
+    for split, part in splits.items():
+        assert set(part["split"]) <= {split}
+        assert len(part) == (manifest["split"] == split).sum() - (split == "train")  # the one dropped pair
     assert csv.set_index("uid").loc[other["uid"], "title"] == suggestion
-    uids = (out / "uids.txt").read_text().splitlines()
+    uids = (out / "train_uids.txt").read_text().splitlines()
     assert uids == sorted(uids) and set(uids) == set(csv["uid"]) and len(uids) == len(csv)
     log = pd.read_csv(out / "decisions.csv")
     run_info = json.loads((run_copy / "run.json").read_text())

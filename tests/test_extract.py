@@ -122,6 +122,7 @@ def test_cancelled_extraction_resumes_after_the_last_shard(
         table.to_parquet(first)
 
 
+@pytest.mark.slow  # starts a local Ray instance
 def test_ray_extraction_writes_the_same_store_as_one_process(
     shards: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -216,9 +216,11 @@ def test_export_rebuilds_the_index_for_the_cleaned_manifest(tmp_path: Path, conf
     result = export_run(run, tmp_path / "out", formats=("csv",), index=config)
     folder = result.files["index"]
     assert folder == result.out_dir / INDEX_DIR
-    manifest = pd.read_csv(result.files["csv"])
+    # The split files one after another (train.csv, then val.csv; test.csv has no rows here).
+    manifest = pd.concat([pd.read_csv(result.files[f"{split}_csv"]) for split in ("train", "val", "test")],
+                         ignore_index=True)
     assert len(manifest) == 1100 - len(dropped)
-    # faiss id i is line i of the exported manifest; nothing dropped is left in the index.
+    # faiss id i is line i of the split files read in turn; nothing dropped is left in the index.
     assert list(np.load(folder / "rows.npy")) == list(manifest["row"])
     assert list(np.load(folder / UIDS_FILE)) == list(manifest["uid"])
     embeddings = np.load(run.path(EMBEDDINGS_FILE))
@@ -231,4 +233,4 @@ def test_export_rebuilds_the_index_for_the_cleaned_manifest(tmp_path: Path, conf
     # The run's own index still holds the dropped pairs, ready for a restore.
     assert NeighbourIndex.load(run, on_stale="raise").indexes["image"].ntotal == 1000
     info = json.loads(result.files["run"].read_text())
-    assert "index" not in info["sha256"] and "csv" in info["sha256"]
+    assert "index" not in info["sha256"] and "train_csv" in info["sha256"]

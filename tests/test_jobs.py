@@ -127,7 +127,8 @@ def test_app_command_and_default_run_folders(tmp_path: Path, monkeypatch: pytest
     command = app_command(tmp_path / "run", tmp_path / "m.csv", port=9999)
     assert Path(command[command.index("run") + 1]) == APP_SCRIPT and APP_SCRIPT.exists()
     for flag, value in (("--server.address", "127.0.0.1"), ("--server.port", "9999"),
-                        ("--server.headless", "true"), ("--browser.gatherUsageStats", "false")):
+                        ("--server.headless", "true"), ("--browser.gatherUsageStats", "false"),
+                        ("--client.toolbarMode", "viewer")):  # no Deploy button in a local tool
         assert command[command.index(flag) + 1] == value
     assert command[command.index("--") + 1 :] == ["--run", str(tmp_path / "run"),
                                                   "--manifest", str(tmp_path / "m.csv")]

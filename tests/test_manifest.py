@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fixtures_data import write_bad_manifest, write_png, write_tiny_images
+from fixtures_data import (BROKEN_COMPRESSED, write_bad_manifest, write_broken_compressed_manifests, write_png,
+                           write_tiny_images)
 
 from ecif.data import LoadedManifest, ManifestError, bad_rows_report, load_manifest, write_manifest_subset
+from ecif.data.manifest import iter_manifest_chunks
 from ecif.data.classes import DEFAULT_TEMPLATES
 from ecif.progress import Reporter
 
@@ -258,3 +260,26 @@ def test_manifest_subset_takes_the_first_rows_of_each_split_with_absolute_paths(
     full = load_manifest(source / "no-uids.csv").frame.set_index("uid")["filepath"]
     part = load_manifest(renamed).frame.set_index("uid")["filepath"]
     assert part.index.tolist() == ["row2", "row6"] and (full.loc[part.index] == part).all()
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_COMPRESSED))
+def test_broken_compressed_manifest_is_a_manifest_error_naming_the_file(tmp_path: Path, name: str) -> None:
+    """Truncated or garbage .gz/.bz2/.xz/.zip, a zip without a member or with two: a ManifestError
+    (never EOFError, BadZipFile, zlib.error, ...) of one line that names the file and the problem,
+    from every reader: whole, streamed and subset."""
+    path = write_broken_compressed_manifests(tmp_path)[name]
+    for read in (load_manifest, lambda p: list(iter_manifest_chunks(p)),
+                 lambda p: write_manifest_subset(p, tmp_path / "subset", {"train": 1})):
+        with pytest.raises(ManifestError, match=BROKEN_COMPRESSED[name]) as caught:
+            read(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message
+        assert caught.value.path == str(path)
+
+
+def test_manifest_error_keeps_its_file_across_processes(tmp_path: Path) -> None:
+    import pickle
+
+    error = ManifestError(f"{tmp_path}/m.csv: empty file", path=tmp_path / "m.csv")
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.path == str(tmp_path / "m.csv")

@@ -40,23 +40,27 @@ def test_run_json_records_model_data_and_settings(run):
     info = run.info
     assert len(info["manifest_sha256"]) == 64 and len(info["model_hash"]) >= 16
     assert info["settings"]["finetune"]["delta"] > 0
-    assert info["stages"]["curvature"]["smallest_eigenvalue"] > 0
+    assert info["stages"]["curvature"]["solver"] == "ekfac-cg"  # what --solver auto takes for the heads
     report = json.loads(run.path("finetune.json").read_text())
     assert report["converged"], report["warnings"]
+    assert report["smallest_hessian_eigenvalue"] > 0
     assert report["gradient_norm"] < 1e-5
 
 
 def test_planted_misaligned_pairs_are_found(run):
     report = ecif.detection_report(run.scores()).set_index("score")
-    # Measured on this run (README, "Detection"): self-influence AUROC 0.947 / AP 0.80, trusted-set
-    # influence 0.79 / 0.59, CLIP-score 0.977 / 0.89 (CLIP-score is the better detector here).
-    assert report.loc["self_influence", "auroc"] >= 0.92
-    assert report.loc["self_influence", "average_precision"] >= 0.7
-    assert report.loc["self_influence", "precision@100"] >= 0.85
-    assert report.loc["influence", "auroc"] >= 0.75
-    assert report.loc["influence", "precision@50"] >= 0.9
-    # The first-order form is the better detector (measured 0.964 / 0.859 against 0.947 / 0.798).
-    assert report.loc["self_influence_first_order", "average_precision"] >= 0.82
+    # Measured on the demo with seeds 0 / 1 / 2 (ECIF_DEMO_SEED; data and model), 1 and 2 torch
+    # threads giving the same numbers for seed 0 (the shipped model): self-influence AUROC
+    # 0.957 / 0.872 / 0.943, AP 0.816 / 0.614 / 0.808, precision@100 0.93 / 0.81 / 0.95; influence
+    # AUROC 0.769 / 0.749 / 0.740, precision@50 0.88 / 0.72 / 0.82; first-order self-influence AP
+    # 0.875 / 0.710 / 0.863 (chance: 0.10). Each bound is the worst seed less a margin of about 0.05.
+    assert report.loc["self_influence", "auroc"] >= 0.82
+    assert report.loc["self_influence", "average_precision"] >= 0.55
+    assert report.loc["self_influence", "precision@100"] >= 0.75
+    assert report.loc["influence", "auroc"] >= 0.70
+    assert report.loc["influence", "precision@50"] >= 0.65
+    # The first-order form is the better detector on every seed (by 0.06 / 0.10 / 0.055 AP).
+    assert report.loc["self_influence_first_order", "average_precision"] >= 0.65
     assert report.loc["self_influence_first_order", "average_precision"] > report.loc["self_influence", "average_precision"]
 
 
@@ -79,7 +83,8 @@ def test_demo_model_knows_shapes(run):
     table = pd.read_parquet(run.path("mispredictions.parquet"))
     test = table[table["split"] == "test"]
     assert len(test) == (run.manifest()["split"] == "test").sum()
-    assert test["correct"].mean() >= 0.78, f"zero-shot shape accuracy {test['correct'].mean():.3f} (measured 0.83)"
+    # Measured 0.828 / 0.850 / 0.783 with demo seeds 0 / 1 / 2.
+    assert test["correct"].mean() >= 0.73, f"zero-shot shape accuracy {test['correct'].mean():.3f}"
 
 
 def test_second_run_is_served_from_the_cache(run):
@@ -155,8 +160,14 @@ def test_a_confusion_is_traced_as_its_items_mean_loss(run):
     # The test function is the items' mean loss, so a pair's influence is the mean of its per-item influences.
     some = uids[:4]
     mean = sum(influence(uid) for uid in some) / len(some)
-    assert np.allclose(influence(some), mean, rtol=1e-8, atol=1e-14)
-    assert ecif.trace(run, list(reversed(uids)), top_k=5).equals(ecif.trace(run, uids, top_k=5))  # order does not matter
+    # Each side is a conjugate-gradient solve to a relative residual of 1e-10 (--solver auto): they
+    # agree to that, in units of the largest score (measured 1.1e-10).
+    np.testing.assert_allclose(influence(some), mean, rtol=0, atol=1e-8 * np.abs(mean).max())
+    # Order does not matter: the same pairs, and the same numbers up to the summation order of the mean.
+    reordered, ordered = ecif.trace(run, list(reversed(uids)), top_k=5), ecif.trace(run, uids, top_k=5)
+    assert reordered["row"].tolist() == ordered["row"].tolist() and reordered["role"].tolist() == ordered["role"].tolist()
+    numbers = ordered.select_dtypes("number").columns
+    np.testing.assert_allclose(reordered[numbers].to_numpy(float), ordered[numbers].to_numpy(float), rtol=1e-9, atol=1e-15)
     with pytest.raises(ValueError, match=f"no mispredicted item.*confusions: {label}:{predicted}"):
         confusion_items(run, label, label)
     assert parse_confusion("a:b:c") == ("a:b", "c")
@@ -183,7 +194,8 @@ def test_dropping_a_confusions_culprits_is_predicted_for_its_items(run):
     before, closed, actual = predicted["loss_before"].mean(), predicted["loss_after"].mean(), refitted["loss_after"].mean()
     assert np.allclose(predicted["loss_before"], refitted["loss_before"])
     assert closed < before and actual < before, (before, closed, actual)
-    # The closed form tracks re-fine-tuning: measured −0.281 against −0.312 nats (36 items, 50 pairs dropped).
+    # The closed form tracks re-fine-tuning: its error is 0.095 / 0.133 / 0.123 of the actual change
+    # with demo seeds 0 / 1 / 2.
     assert abs(closed - actual) < 0.25 * abs(actual - before), (before, closed, actual)
     nothing = ecif.predict_items(run, uids[:1])
     assert np.allclose(nothing["loss_after"], nothing["loss_before"])

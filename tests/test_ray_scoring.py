@@ -106,6 +106,7 @@ def test_streamed_ekfac_ranks_like_the_dense_solver_on_a_downsized_problem(tmp_p
     assert rho >= 0.9
 
 
+@pytest.mark.slow  # starts a local Ray instance
 def test_ray_scores_equal_local_scores(tmp_path):
     ray = pytest.importorskip("ray")
     from ecif.influence.streaming import RayExecutor, connect_ray

@@ -114,8 +114,12 @@ def test_items_without_a_label_in_a_labelled_run_are_asked_for_their_caption(sco
     assert items.candidates == tuple("test" if i % 2 == 0 else None for i in range(60))
     mixed = item_answers(mixed_engine, engine.theta, items)
     assert (mixed["kind"][1::2] == "zero-shot").all() and (mixed["kind"][::2] == "retrieval").all()
-    for name in ("label", "predicted", "prob_true", "loss", "correct"):
-        assert (mixed[name][1::2] == labelled[name][1::2]).all()  # the labelled items are untouched
+    # The labelled items are untouched: the same answers, and the same probabilities up to float64
+    # round-off (the two tables are computed in differently sized batches, so not bit for bit).
+    for name in ("label", "predicted", "correct"):
+        assert (mixed[name][1::2] == labelled[name][1::2]).all()
+    for name in ("prob_true", "loss"):
+        np.testing.assert_allclose(mixed[name][1::2], labelled[name][1::2], rtol=1e-9, atol=1e-12)
     assert (mixed["label"][::2] == manifest["caption"].iloc[test[::2]].to_numpy()).all()
     # The mean loss is the mean of both kinds' losses, each against its own candidates.
     assert float(items_loss(mixed_engine, items)(engine.theta)) == pytest.approx(mixed["loss"].mean(), rel=1e-10)

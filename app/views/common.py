@@ -16,11 +16,13 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
+from streamlit import config as st_config
 
 from ecif.curation.media import thumbnail_path
 from ecif.curation.review import (STATUSES, Filters, apply_filters, decide, open_store,
                                   queue_counts, review_table, score_columns, sort_table)
 from ecif.curation.store import DecisionStore
+from ecif.curation.units import si_format
 from ecif.index.neighbours import META_FILE, NeighbourIndex
 from ecif.jobs.launch import build_config
 from ecif.jobs.manager import JobManager
@@ -29,6 +31,23 @@ from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, SCORES_FILE, Run
 STATUS_ICONS = {"pending": "⏳", "accepted": "✅", "relabelled": "✏️", "dropped": "🗑️"}
 FILTER_KEYS = ("status", "q", "corrupted", "split")
 RANGE_PREFIX = "r_"
+
+
+TOOLBAR_OPTION = "client.toolbarMode"
+
+
+def hide_developer_toolbar() -> None:
+    """Hide Streamlit's developer toolbar (Deploy, Rerun, Clear cache): this is a local tool.
+
+    ``ecif app`` passes ``--client.toolbarMode viewer`` (:func:`ecif.jobs.launch.app_command`); this
+    covers a plain ``streamlit run app/main.py``.  The option is server-wide and is sent to the
+    browser when a script run starts, so the run that first sets it reruns once to apply it.  A
+    mode chosen explicitly (flag, config file, environment) is left alone.
+    """
+    if st_config.is_manually_set(TOOLBAR_OPTION):
+        return
+    st.set_option(TOOLBAR_OPTION, "viewer")
+    st.rerun()
 
 
 # ---------------------------------------------------------------------------- cached resources
@@ -315,8 +334,18 @@ def harm_bar(pos: float, neg: float, scale: float) -> str:
                 f"<span style='width:26px;color:#666'>{label}</span>"
                 f"<div style='flex:1;background:#eee;height:7px;border-radius:3px'>"
                 f"<div style='width:{width:.0f}%;background:{colour};height:7px;border-radius:3px'></div>"
-                f"</div><span style='width:52px;text-align:right'>{value:+.3f}</span></div>")
+                f"</div><span style='width:52px;text-align:right'>{si_format(value, signed=True)}</span></div>")
     return part("pos", pos) + part("neg", neg)
+
+
+def readable(frame: pd.DataFrame | pd.Series, columns: Sequence[str] | None = None):
+    """``frame`` for ``st.dataframe`` with its number ``columns`` (default: all numeric ones) written by
+    :func:`~ecif.curation.units.si_format` (``−200µ``, not ``-0.000``); the values, and so sorting,
+    stay numbers."""
+    frame = frame.to_frame() if isinstance(frame, pd.Series) else frame
+    if columns is None:
+        columns = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+    return frame.style.format(si_format, subset=list(columns))
 
 
 def influence_scale(table: pd.DataFrame) -> float:
@@ -326,8 +355,9 @@ def influence_scale(table: pd.DataFrame) -> float:
 
 
 def pair_card(ctx: Context, pair: pd.Series, key: str, scale: float,
-              extra: str | None = None, actions: bool = True) -> None:
-    """One pair as a card: thumbnail, rank and status, caption, harm bar, decision buttons."""
+              extra: str | None = None, actions: bool = True, stacked: bool = False) -> None:
+    """One pair as a card: thumbnail, rank and status, caption, harm bar, decision buttons
+    (in one row, or ``stacked`` in two for narrow cards)."""
     row = int(pair["row"])
     status = pair.get("status", "pending")
     rank = f"#{int(pair['rank'])}" if "rank" in pair and pair["rank"] == pair["rank"] else ""
@@ -347,9 +377,14 @@ def pair_card(ctx: Context, pair: pd.Series, key: str, scale: float,
                 f"<div class='ecif-caption' style='margin-bottom:4px'>{caption}</div>{bar}")
         if not actions:
             return
-        left, middle, right = st.columns(3, gap="small")
+        buttons = st.container(key=f"{CARD_BUTTONS}{key}_{row}")  # compact padding: CARD_CSS
+        if stacked:  # narrow cards: "Open" on its own line, the two decisions below it
+            left, (middle, right) = buttons.container(), buttons.columns(2, gap="small")
+        else:  # "Open" gets the room its word needs; the decisions are single glyphs
+            left, middle, right = buttons.columns([2, 1, 1], gap="small")
         left.button("Open", key=f"{key}_open_{row}", on_click=open_pair, args=(str(pair["uid"]),),
-                    width="stretch")
+                    width="stretch", help="Detail view: full image, all scores, caption suggestion, "
+                                          "similar pairs (Esc returns to the grid)")
         middle.button("✓", key=f"{key}_acc_{row}", help="Accept", on_click=act,
                       args=(ctx, "accept", [row]), width="stretch")
         if status == "dropped":
@@ -360,17 +395,30 @@ def pair_card(ctx: Context, pair: pd.Series, key: str, scale: float,
                          args=(ctx, "drop", [row]), width="stretch")
 
 
+#: Cards per row above which a card's buttons take two lines ("Open" no longer fits beside ✓ and ✗
+#: at 1400 px with the sidebar open).
+STACK_ABOVE = 5
+CARD_BUTTONS = "card_buttons_"
+#: Card buttons with a narrow side padding, so a glyph still fits at 8 cards per row.
+CARD_CSS = (f"<style>[class*='st-key-{CARD_BUTTONS}'] button {{padding-left:4px;padding-right:4px;"
+            "min-width:0}</style>")
+
+
 def card_grid(ctx: Context, pairs: pd.DataFrame, key: str, columns: int = 4,
               extra_column: str | None = None, actions: bool = True, scale: float | None = None) -> None:
     """Cards laid out ``columns`` per row; ``scale``: the bars' full width (default: the run's largest role)."""
     if scale is None:
         scale = influence_scale(ctx.table) if ctx.table is not None else 1.0
+    if actions:
+        st.html(CARD_CSS)  # style only: takes no room on the page
     for start in range(0, len(pairs), columns):
         cells = st.columns(columns)
         for cell, (_, pair) in zip(cells, pairs.iloc[start : start + columns].iterrows()):
             with cell:
-                extra = None if extra_column is None else f"{extra_column} {pair[extra_column]:+.3g}"
-                pair_card(ctx, pair, key, scale, extra=extra, actions=actions)
+                extra = (None if extra_column is None
+                         else f"{extra_column} {si_format(pair[extra_column], signed=True)}")
+                pair_card(ctx, pair, key, scale, extra=extra, actions=actions,
+                          stacked=columns > STACK_ABOVE)
 
 
 ENGINE_SPINNER = ("Running {name}… (the first engine call after the server starts loads the run's "

@@ -26,10 +26,13 @@ def render(ctx: Context) -> None:
     formats = st.multiselect("Formats", FORMATS, default=["csv", "jsonl", "parquet"], key="export_formats")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = st.text_input("Export folder", str(ctx.run.path("exports") / stamp), key="export_dir")
-    st.caption("Always written: uids.txt (sorted kept uids), decisions.csv (every decision), run.json "
+    st.caption("Each split in its own files: train.FORMAT (the training pairs only), val.FORMAT and "
+               "test.FORMAT, and train_uids.txt, val_uids.txt, test_uids.txt (sorted uids). Always "
+               "written too: decisions.csv (every decision), run.json "
                "(settings, hashes, counts), the edited checkpoint when one exists, and index/ (the faiss "
                "index rebuilt for the exported pairs, dropped pairs gone). File paths are "
-               "absolute: train with `--csv-separator , --csv-img-key filepath --csv-caption-key title`.")
+               "absolute: train with `--train-data OUT/train.csv --csv-separator , --csv-img-key filepath "
+               "--csv-caption-key title`.")
     if st.button("Export", key="export_go", type="primary", disabled=not formats):
         result = export_run(ctx.run, out_dir, view_rows=view_rows if mode == "view" else None,
                             formats=formats)

@@ -60,7 +60,10 @@ def _own_data_form(ctx: Context) -> None:
         batch = st.number_input("Reference batch size B", 2, 1 << 20, finetune.batch_size, key="load_batch")
         damping = st.number_input("Damping λ", 0.0, 10.0, curvature.damping, format="%.1e",
                                   key="load_damping")
-        solver = st.selectbox("Solver", get_args(SolverName), key="load_solver")
+        solver = st.selectbox("Solver", get_args(SolverName), key="load_solver",
+                              help="auto: exact influence by EK-FAC-preconditioned conjugate gradient, EK-FAC "
+                              "self-influence (about a second on the demo). dense: the reference Hessian, exact "
+                              "self-influence too (up to ~16k parameters; 30-60 s on the demo).")
         kind = st.selectbox("Curvature", get_args(CurvatureKind), key="load_kind")
         blocks = st.number_input("Transformer blocks in the influence scope", 0, 4, finetune.blocks, key="load_blocks",
                                  help="0: the projection heads only (fast, any size). N > 0 adds the last N blocks of "

@@ -9,7 +9,7 @@ from ecif.curation.review import actionable_rows, adjacent_row, score_summary
 from ecif.index.neighbours import NeighbourIndex, suggest_caption
 
 from views.common import (STATUS_ICONS, Context, act, card_grid, first_page, harm_bar,
-                          influence_scale, neighbour_index, open_pair, undo)
+                          influence_scale, neighbour_index, open_pair, readable, undo)
 
 KEYS = {
     "a": "accept", "d": "drop", "e": "relabel with the text in the box",
@@ -41,8 +41,14 @@ def _help() -> None:
 def render(ctx: Context) -> None:
     if not ctx.scored:
         st.header("Review")
-        st.info("This run has no scores yet. Scoring progress is in the sidebar; start a run on the "
-                "Load page.")
+        status = ctx.manager.status(ctx.run.directory) or {}
+        if status.get("state") == "running":
+            st.info("Scoring this run in the background: data, features, fine-tuning, curvature, then the "
+                    "scores of every pair. The ranked pairs appear here when it finishes (under a minute "
+                    "for the built-in demo); the current stage and its progress are in the sidebar.")
+        else:
+            st.info("This run has no scores yet. Start scoring from the sidebar, or start a run on the "
+                    "Load page.")
         return
     top = st.columns([6, 1, 1])
     top[1].button("Undo", key="undo", shortcut="u", on_click=undo, args=(ctx,), width="stretch")
@@ -184,7 +190,7 @@ def detail(ctx: Context, row: int) -> None:
                           on_click=_decide_and_advance, args=(ctx, "relabel", row, new_caption, next_uid))
         st.markdown(f"Suggested caption: **{suggestion or '—'}** (from the captions of its image neighbours)")
         scores_column, fields_column = st.columns(2)
-        scores_column.dataframe(pd.Series(score_summary(pair), name="score").to_frame(), width="stretch")
+        scores_column.dataframe(readable(pd.Series(score_summary(pair), name="score")), width="stretch")
         fields = pair.drop(labels=[*score_summary(pair), "filepath", "row", "uid"], errors="ignore")
         fields_column.dataframe(fields.astype(str).rename("value").to_frame(), width="stretch")
         with st.expander("Why this suggestion"):

@@ -275,6 +275,16 @@ def systematic_group(name: DemoName) -> tuple[str, str, str]:
     return _systematic_group(_DATASETS[name][0])
 
 
+def caption_words(name: DemoName) -> list[str]:
+    """Every word the captions and class prompts of the demo data set ``name`` can contain, sorted.
+
+    The shipped demo model stores only the token embeddings of these words (``ecif.models.demo``).
+    """
+    spec = _DATASETS[name][0]
+    texts = [*spec.templates, *(value for values in spec.attributes.values() for value in values)]
+    return sorted({word for text in texts for word in text.replace("{", " {").split() if not word.startswith("{")})
+
+
 def _corrupt_caption(
     spec: _Spec,
     kind: str,

@@ -19,13 +19,18 @@ larger than memory are read with :func:`iter_manifest_chunks`, which validates t
 Columns are recognised by name, case-insensitively (first alias present wins; see ``ALIASES``).
 Relative image paths resolve against the manifest's (or the shard's) folder.  Rows that cannot be
 used are listed in ``bad_rows`` with a reason and left out; only problems with a file as a whole
-raise :class:`ManifestError`.
+raise :class:`ManifestError` (one line naming the file: also a damaged compressed file -- truncated,
+corrupt, not UTF-8, or a zip that does not hold exactly one file).
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import shutil
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +65,8 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-_COMPRESSIONS = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip"})
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd", ".zip": "zip"}
+"""Compression suffixes understood on text manifests, and their names in error messages."""
 _FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -122,6 +128,58 @@ def _table_format(path: Path) -> str | None:
     return _FORMATS.get(suffixes[-1]) if suffixes else None
 
 
+def _compression(path: Path) -> str | None:
+    """The name of the file's compression (by its extension), or None."""
+    return _COMPRESSIONS.get(path.suffix.lower())
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged compressed file raises while it is read (beyond OSError and ValueError)."""
+    errors: list[type[BaseException]] = [EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError]
+    try:
+        import zstandard  # optional: pandas reads .zst with it
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _read_problem(error: BaseException, compression: str | None) -> str:
+    """What is wrong with a file that failed to read, in one line."""
+    if isinstance(error, EOFError):
+        problem = f"the {compression or 'compressed'} data ends early; the file is truncated ({error})"
+    elif isinstance(error, zipfile.BadZipFile):
+        problem = f"not a valid zip archive, truncated or corrupt ({error})"
+    elif isinstance(error, (zlib.error, lzma.LZMAError)) or (compression and type(error) in (OSError, gzip.BadGzipFile)):
+        # (bz2 says plain OSError; a missing or unreadable file is not corrupt data)
+        problem = f"corrupt {compression or 'compressed'} data ({error})"
+    elif isinstance(error, UnicodeDecodeError):
+        problem = f"not UTF-8 text ({error.reason} at byte {error.start})"
+    else:
+        problem = str(error) or type(error).__name__
+    return " ".join(problem.split())  # pandas' parser messages may span lines
+
+
+def _check_zip(path: Path, described: str) -> None:
+    """ManifestError unless ``path`` is a readable zip archive holding exactly one file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [info.filename for info in archive.infolist() if not info.is_dir()]
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ManifestError(
+            f"{path}: cannot be read as {described}: {_read_problem(error, 'zip')}", path=path
+        ) from error
+    if not members:
+        raise ManifestError(f"{path}: the zip archive holds no file (a zipped manifest holds exactly one)", path=path)
+    if len(members) > 1:
+        shown = ", ".join(members[:5]) + (" ..." if len(members) > 5 else "")
+        raise ManifestError(
+            f"{path}: the zip archive holds {len(members)} files ({shown}); a zipped manifest holds exactly one",
+            path=path,
+        )
+
+
 def _canonical_source(columns: Sequence[str], canonical: str) -> str | None:
     """The input column that provides ``canonical``, or None."""
     by_lower = {str(column).strip().lower(): column for column in columns}
@@ -133,9 +191,15 @@ def _read_table(path: Path) -> pd.DataFrame:
     kind = _table_format(path)
     if kind is None:
         known = ", ".join(sorted(_FORMATS))
-        raise ManifestError(f"{path}: unsupported manifest format (expected one of {known}, or a folder)")
+        raise ManifestError(
+            f"{path}: unsupported manifest format (expected one of {known}, or a folder)", path=path
+        )
     if path.stat().st_size == 0:
-        raise ManifestError(f"{path}: empty file")
+        raise ManifestError(f"{path}: empty file", path=path)
+    compression = _compression(path)
+    described = f"{compression}-compressed {kind}" if compression else kind
+    if compression == "zip":
+        _check_zip(path, described)
     try:
         if kind in ("csv", "tsv"):
             separator = "\t" if kind == "tsv" else ","
@@ -154,11 +218,14 @@ def _read_table(path: Path) -> pd.DataFrame:
         else:
             frame = pd.read_parquet(path)
     except pd.errors.EmptyDataError as error:
-        raise ManifestError(f"{path}: empty file") from error
-    except (ValueError, UnicodeDecodeError, OSError, pyarrow.ArrowException) as error:
-        raise ManifestError(f"{path}: cannot be read as {kind}: {error}") from error
+        raise ManifestError(f"{path}: empty file", path=path) from error
+    except (ValueError, OSError, pyarrow.ArrowException, *_decompression_errors()) as error:
+        # ValueError covers pandas' ParserError and UnicodeDecodeError; OSError gzip.BadGzipFile.
+        raise ManifestError(
+            f"{path}: cannot be read as {described}: {_read_problem(error, compression)}", path=path
+        ) from error
     if frame.empty:
-        raise ManifestError(f"{path}: no data rows")
+        raise ManifestError(f"{path}: no data rows", path=path)
     return frame
 
 
@@ -177,7 +244,7 @@ def _read_sidecar_folder(folder: Path) -> tuple[pd.DataFrame, str]:
     """
     images = _image_files(folder)
     if not images:
-        raise ManifestError(f"{folder}: no manifest, captions file or images found in this folder")
+        raise ManifestError(f"{folder}: no manifest, captions file or images found in this folder", path=folder)
     records = []
     for image in images:
         sidecar = image.with_suffix(".txt")
@@ -197,7 +264,7 @@ def _read_sidecar_folder(folder: Path) -> tuple[pd.DataFrame, str]:
 def _read_source(path: Path) -> tuple[pd.DataFrame, Path, str]:
     """Raw rows, the file they came from (or the folder), and the content hash."""
     if not path.exists():
-        raise ManifestError(f"{path}: file not found")
+        raise ManifestError(f"{path}: file not found", path=path)
     if not path.is_dir():
         return _read_table(path), path, file_sha256(path)
     for stem in MANIFEST_STEMS:
@@ -244,7 +311,7 @@ def _classes_for(frame: pd.DataFrame, directory: Path) -> ZeroShotClasses | None
         try:
             return ZeroShotClasses.load(classes_file)
         except ClassesError as error:
-            raise ManifestError(str(error)) from error
+            raise ManifestError(str(error), path=classes_file) from error
     labels = [label for label in frame["label"] if label is not None]
     return ZeroShotClasses.from_labels(labels) if labels else None
 
@@ -308,7 +375,8 @@ class _Validator:
             if sources[required] is None:
                 raise ManifestError(
                     f"{named}: no {what} column (accepted names: {', '.join(ALIASES[required])}; "
-                    f"found: {', '.join(map(str, raw.frame.columns))})"
+                    f"found: {', '.join(map(str, raw.frame.columns))})",
+                    path=named,
                 )
 
         n = len(raw.frame)
@@ -368,11 +436,13 @@ class _Validator:
     def finish(self) -> None:
         """Raise :class:`ManifestError` if the source had no rows, or none of them was usable."""
         if self.rows_read == 0:
-            raise ManifestError(f"{self.source}: no data rows")
+            raise ManifestError(f"{self.source}: no data rows", path=self.source)
         if self.usable == 0:
             shown = "; ".join(self.examples[: self._EXAMPLES])
             more = " ..." if len(self.examples) > self._EXAMPLES else ""
-            raise ManifestError(f"{self.source}: none of the {self.rows_read} rows is usable ({shown}{more})")
+            raise ManifestError(
+                f"{self.source}: none of the {self.rows_read} rows is usable ({shown}{more})", path=self.source
+            )
 
 
 def _whole_source(path: Path) -> tuple[Path, str, list[RawChunk]]:
@@ -482,10 +552,12 @@ def write_manifest_subset(
     parts = []
     for split, count in counts.items():
         if count < 1:
-            raise ManifestError(f"{source}: the count for split {split!r} must be at least 1, got {count}")
+            raise ManifestError(
+                f"{source}: the count for split {split!r} must be at least 1, got {count}", path=source
+            )
         if not (splits == split).any():
             present = ", ".join(sorted(set(splits.dropna()))) or "none"
-            raise ManifestError(f"{source}: no rows of split {split!r} (splits present: {present})")
+            raise ManifestError(f"{source}: no rows of split {split!r} (splits present: {present})", path=source)
         parts.append(raw[splits == split].head(count))
     subset = pd.concat(parts)
     if _canonical_source(list(raw.columns), "uid") is None:
@@ -497,7 +569,9 @@ def write_manifest_subset(
     folder = Path(out_folder)
     written = folder / "manifest.csv"
     if written.resolve() == source.resolve() or folder.resolve() == base.resolve():
-        raise ManifestError(f"{source}: the subset would overwrite its own manifest; choose another folder than {folder}")
+        raise ManifestError(
+            f"{source}: the subset would overwrite its own manifest; choose another folder than {folder}", path=source
+        )
     folder.mkdir(parents=True, exist_ok=True)
     subset.to_csv(written, index=False, lineterminator="\n")
     if (base / CLASSES_FILE_NAME).is_file():

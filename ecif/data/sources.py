@@ -42,7 +42,18 @@ ShardKind = Literal["parquet", "tar"]
 
 
 class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (missing, empty, unparseable, no image/caption column)."""
+    """The manifest as a whole cannot be used (missing, empty, unparseable, no image/caption column).
+
+    The message is one line that starts with the file it is about; ``path`` is that file (or
+    folder, or pattern) when the raiser knows it, else None.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+
+    def __reduce__(self):  # keeps ``path`` across processes (Ray workers)
+        return type(self), (str(self), self.path)
 
 
 @dataclass
@@ -111,7 +122,7 @@ def _shard_kind(files: list[Path], described: str) -> ShardKind:
     if suffixes == {TAR_SUFFIX}:
         return "tar"
     found = ", ".join(sorted(suffixes))
-    raise ManifestError(f"{described}: shards must be all .parquet or all .tar files (found {found})")
+    raise ManifestError(f"{described}: shards must be all .parquet or all .tar files (found {found})", path=described)
 
 
 def _is_img2dataset_files_layout(folder: Path, parquets: list[Path]) -> bool:
@@ -130,7 +141,7 @@ def find_shards(path: str | os.PathLike[str], table_stems: tuple[str, ...]) -> S
     if _GLOB_CHARACTERS & set(text):
         files = sorted(Path(match).resolve() for match in glob.glob(text) if os.path.isfile(match))
         if not files:
-            raise ManifestError(f"{text}: no files match this pattern")
+            raise ManifestError(f"{text}: no files match this pattern", path=text)
         root = Path(os.path.commonpath([file.parent for file in files]))
         return ShardedSource(root, _shard_kind(files, text), tuple(files))
     folder = Path(text).resolve()
@@ -152,7 +163,7 @@ def parquet_batches(path: Path, rows_per_chunk: int) -> Iterator[pd.DataFrame]:
         for batch in parquet.iter_batches(batch_size=rows_per_chunk):
             yield batch.to_pandas()
     except (OSError, pyarrow.ArrowException) as error:
-        raise ManifestError(f"{path}: cannot be read as parquet: {error}") from error
+        raise ManifestError(f"{path}: cannot be read as parquet: {error}", path=path) from error
 
 
 def _sample_key(member: str) -> tuple[str, str]:
@@ -184,7 +195,7 @@ def read_tar_shard(shard: Path) -> tuple[pd.DataFrame, list[str | None]]:
                 elif f".{extension}" in IMAGE_EXTENSIONS:
                     sample["member"] = info.name
     except (OSError, tarfile.TarError) as error:
-        raise ManifestError(f"{shard}: cannot be read as a tar shard: {error}") from error
+        raise ManifestError(f"{shard}: cannot be read as a tar shard: {error}", path=shard) from error
 
     records: list[dict[str, str | None]] = []
     problems: list[str | None] = []
@@ -206,9 +217,9 @@ def read_tar_shard(shard: Path) -> tuple[pd.DataFrame, list[str | None]]:
     try:
         sidecar = pd.read_parquet(sidecar_file)
     except (OSError, pyarrow.ArrowException) as error:
-        raise ManifestError(f"{sidecar_file}: cannot be read as parquet: {error}") from error
+        raise ManifestError(f"{sidecar_file}: cannot be read as parquet: {error}", path=sidecar_file) from error
     if "key" not in sidecar.columns:
-        raise ManifestError(f"{sidecar_file}: img2dataset sidecar without a key column")
+        raise ManifestError(f"{sidecar_file}: img2dataset sidecar without a key column", path=sidecar_file)
     sidecar = sidecar.assign(key=sidecar["key"].astype(str)).drop_duplicates("key")
     extras = [column for column in sidecar.columns if column not in _SIDECAR_CONTROL_COLUMNS]
     frame = frame.merge(sidecar[["key", *extras]], on="key", how="left")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +12,29 @@ from typing import Any
 from ecif.paths import cache_dir, text_sha256
 from ecif.tasks.pipeline import RunConfig, default_demo_run_dir
 
-APP_SCRIPT = Path(__file__).resolve().parents[2] / "app" / "main.py"
+#: The import package of the app: the repository's ``app/`` folder, shipped in the wheel under this
+#: name by ``pip install .`` and mapped onto the checkout by ``pip install -e .`` (see setup.py).
+APP_PACKAGE = "ecif_app"
+
+
+def app_script() -> Path:
+    """The app's entry script, ``main.py`` of :data:`APP_PACKAGE`, found by import (in the installed
+    wheel or, for an editable install, in the checkout's ``app/``); the script is not executed."""
+    try:
+        spec = importlib.util.find_spec(f"{APP_PACKAGE}.main")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is None or not spec.origin:
+        raise RuntimeError(f"the ecif app (package {APP_PACKAGE!r}) is not installed: reinstall ecif "
+                           "with `pip install .` (or `pip install -e .` in a checkout)")
+    return Path(spec.origin).resolve()
+
+
+def __getattr__(name: str) -> Any:
+    # APP_SCRIPT is resolved on first use, so that importing this module never fails.
+    if name == "APP_SCRIPT":
+        return app_script()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_dir_for(manifest: str | Path | None = None, model: str | None = None,
@@ -36,9 +59,10 @@ def build_config(run_dir: str | Path, settings: dict[str, Any] | None = None) ->
 def app_command(run_dir: str | Path | None = None, manifest: str | Path | None = None,
                 port: int = 8501, host: str = "127.0.0.1") -> list[str]:
     """The ``streamlit run`` command line for the app (arguments after ``--`` go to the app)."""
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
+    command = [sys.executable, "-m", "streamlit", "run", str(app_script()),
                "--server.address", host, "--server.port", str(port),
                "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "viewer",  # a local tool: no Deploy button or developer menu
                # The grid sets its bound pagination widget through Session State on purpose
                # (keyboard paging, filters restarting at page 1).
                "--global.disableWidgetStateDuplicationWarning", "true", "--"]

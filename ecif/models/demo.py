@@ -20,16 +20,25 @@ import torch
 import torch.nn.functional as F
 
 from ecif.data import LoadedManifest
+from ecif.data.demo import DemoName, caption_words
 from ecif.models.configs import DEMO_CONFIG_FILE, DEMO_MODEL_NAME
 from ecif.models.features import load_images
 from ecif.models.open_clip_models import load_model, save_checkpoint
-from ecif.paths import cache_dir, text_sha256
+from ecif.paths import asset_path, cache_dir, file_sha256, text_sha256
 from ecif.progress import Reporter, as_reporter
-from ecif.run import atomic_write_bytes
+from ecif.run import atomic_write_bytes, atomic_write_json
 
 DEMO_STAGE = "demo model"
 # Bump when the training procedure changes in a way that changes the weights, to retire old caches.
 _TRAINING_VERSION = "3"
+#: The demo model trained on the default demo data, shipped so that no first launch trains it
+#: (six minutes on two cores); its record says what it was trained on and how well it does.
+SHIPPED_MODEL = "models/ecif-demo.safetensors"
+SHIPPED_RECORD = "models/ecif-demo.json"
+
+
+class ShippedModelError(ValueError):
+    """The shipped demo model's file does not match its recorded checksum (a broken checkout)."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,13 @@ def train_demo_model(
     manifest: LoadedManifest,
     config: DemoTrainConfig = DemoTrainConfig(),
     reporter: Reporter | None = None,
+    use_shipped: bool = True,
 ) -> Path:
     """Train "ecif-demo" on the manifest's ``split == "train"`` rows; return the safetensors checkpoint.
+
+    With ``use_shipped`` the model shipped in ``assets/`` is returned instead when it was trained on
+    this very manifest with these settings (same :func:`demo_cache_key`): the default demo never
+    trains. ``use_shipped=False`` (``ecif train-demo``) always trains.
 
     The checkpoint is cached at ``cache_dir()/models/ecif-demo-<key>.safetensors``: a second call
     with the same manifest and settings returns at once. After an interruption (``Cancelled``,
@@ -83,6 +97,9 @@ def train_demo_model(
     """
     reporter = as_reporter(reporter)
     key = demo_cache_key(manifest, config)
+    if use_shipped and (shipped := shipped_demo_checkpoint(key)) is not None:
+        reporter.report(DEMO_STAGE, 1, 1)
+        return shipped
     models_dir = cache_dir() / "models"
     final_path = models_dir / f"{DEMO_MODEL_NAME}-{key}.safetensors"
     if final_path.exists():
@@ -156,6 +173,63 @@ def train_demo_model(
         return final_path
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def shipped_demo_record() -> dict | None:
+    """The shipped model's record (``assets/models/ecif-demo.json``), or None when none is shipped."""
+    path = asset_path(SHIPPED_RECORD)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def shipped_demo_checkpoint(key: str) -> Path | None:
+    """The shipped demo model if it was trained with cache key ``key``, else None.
+
+    Raises :class:`ShippedModelError` when its file is missing or its SHA-256 is not the recorded one.
+    """
+    record = shipped_demo_record()
+    if record is None or record["cache_key"] != key:
+        return None
+    path = asset_path(SHIPPED_MODEL)
+    found = file_sha256(path) if path.exists() else "no file"
+    if found != record["sha256"]:
+        raise ShippedModelError(
+            f"the shipped demo model {path} is corrupted or missing (sha256 {found}, expected {record['sha256']}); "
+            "restore it from the repository (git checkout -- assets/models) or retrain it with `ecif train-demo`"
+        )
+    return path
+
+
+def write_shipped_demo_model(
+    checkpoint: Path,
+    manifest: LoadedManifest,
+    demo_data: dict,
+    config: DemoTrainConfig = DemoTrainConfig(),
+    accuracy: dict | None = None,
+) -> Path:
+    """Store a trained demo checkpoint as the shipped model (``assets/models``) with its record.
+
+    Only the token embeddings of the words the demo ``demo_data["name"]`` can use are kept (the
+    other 49,000-odd rows never received a gradient; they read back as zeros), so every caption
+    and prompt of the demo embeds exactly as with the trained model.
+    """
+    loaded = load_model(DEMO_MODEL_NAME, checkpoint=checkpoint)
+    name: DemoName = demo_data["name"]
+    tokens = loaded.tokenizer([" ".join(caption_words(name))]).unique()
+    path = asset_path(SHIPPED_MODEL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(loaded.model, path, kept_rows={"token_embedding.weight": tokens})
+    record = {
+        "cache_key": demo_cache_key(manifest, config),
+        "sha256": file_sha256(path),
+        "demo_data": demo_data,
+        "train_config": asdict(config),
+        "zero_shot_accuracy": accuracy or {},
+        "kept_token_rows": int(len(tokens)),
+        "torch": torch.__version__,
+        "made_by": "ecif train-demo --write-asset",
+    }
+    atomic_write_json(asset_path(SHIPPED_RECORD), record)
+    return path
 
 
 def caption_templates(captions: list[str], labels: list[str] | None) -> list[str]:

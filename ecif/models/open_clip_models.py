@@ -8,6 +8,7 @@ the local Hugging Face or open_clip cache, and checkpoint files are read as safe
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import pickle
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
+import safetensors
 import safetensors.torch
 import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
@@ -189,7 +191,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
-            state = safetensors.torch.load_file(str(path), device="cpu")
+            state = _read_safetensors(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -243,13 +245,43 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     model.load_state_dict(state, strict=True)
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write ``model``'s state dict as safetensors (atomically), loadable by :func:`load_model`."""
+#: safetensors metadata key: ``{name: shape}`` of the tensors stored as their kept rows only
+#: (``name.rows`` int64 [k], ``name.values`` [k, ...]; every other row is zero).
+ROW_SPARSE_METADATA = "ecif.row_sparse"
+
+
+def save_checkpoint(
+    model: torch.nn.Module, path: str | os.PathLike[str], kept_rows: Mapping[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``model``'s state dict as safetensors (atomically), loadable by :func:`load_model`.
+
+    ``kept_rows`` maps a tensor's name to the row indices worth storing; its other rows are left
+    out of the file and read back as zeros. The shipped demo model keeps only the rows of its
+    49,408-token embedding that the demo's captions use: 3.6 MB instead of 22 MB.
+    """
     path = Path(path)
     # safetensors refuses tensors that share storage or are views; plain contiguous copies are safe.
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
-    atomic_write_bytes(path, safetensors.torch.save(tensors))
+    sparse: dict[str, list[int]] = {}
+    for name, rows in (kept_rows or {}).items():
+        full = tensors.pop(name)
+        rows = torch.as_tensor(rows, dtype=torch.int64).unique()
+        tensors[f"{name}.rows"], tensors[f"{name}.values"] = rows, full[rows].contiguous()
+        sparse[name] = list(full.shape)
+    metadata = {ROW_SPARSE_METADATA: json.dumps(sparse)} if sparse else None
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
     return path
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, with row-sparse ones (see :func:`save_checkpoint`) made whole."""
+    with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    for name, shape in json.loads(metadata.get(ROW_SPARSE_METADATA, "{}")).items():
+        rows, values = state.pop(f"{name}.rows"), state.pop(f"{name}.values")
+        state[name] = torch.zeros(shape, dtype=values.dtype).index_copy_(0, rows, values)
+    return state
 
 
 def _cached_pretrained_file(name: str, tag: str, tag_cfg: Mapping[str, object]) -> Path:

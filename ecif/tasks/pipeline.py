@@ -208,7 +208,7 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
 
 def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str | None) -> Run:
     from ecif.data import load_manifest, make_demo_data, make_thumbnails
-    from ecif.models.demo import train_demo_model
+    from ecif.models.demo import DemoTrainConfig, train_demo_model
     from ecif.models.features import compute_features, drop_failed, encode_prompts
     from ecif.models.open_clip_models import load_model
 
@@ -262,7 +262,9 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
     def demo_model_stage() -> dict:
         if config.model != "demo":
             return {"skipped": True}
-        checkpoint = train_demo_model(get_manifest(), reporter=reporter)
+        # The model's seed follows the data's, so another demo seed is a wholly independent run.
+        training = DemoTrainConfig(seed=config.demo.seed)
+        checkpoint = train_demo_model(get_manifest(), training, reporter=reporter)
         run.update_info(demo_checkpoint=str(checkpoint))
         return {"checkpoint": str(checkpoint)}
 
