@@ -162,7 +162,7 @@ def test_launch_run_is_scored_in_the_background(tmp_path: Path, monkeypatch: pyt
     assert not at.exception
     status = read_status(run_dir_for())
     assert status is not None and status["state"] == "running"
-    assert "no scores yet" in at.info[0].value
+    assert "Scoring this run in the background" in at.info[0].value
     assert any(b.key == "cancel_job" for b in at.sidebar.button)
     gate.set()
     deadline = time.monotonic() + 20

@@ -108,7 +108,7 @@ def _open_clip_csv_dataset():
     return CsvDataset
 
 
-def test_training_export_is_the_kept_train_split_only_as_open_clip_reads_it(tmp_path: Path) -> None:
+def test_training_export_is_the_kept_train_split_only_as_open_clip_reads_it(tmp_path: Path, monkeypatch) -> None:
     """A curator drops one training pair and relabels another; open_clip's CsvDataset, with the
     options the README gives, reads exactly the other training pairs (the relabel applied) from
     train.csv, and none of the validation or test pairs, which have their own files."""
