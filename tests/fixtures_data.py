@@ -87,6 +87,22 @@ def shapes_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+#: Manifests unusable as a whole: (file name, content or None for a missing file, what the
+#: ManifestError says). The library and the command line are both checked on every one.
+FATAL_MANIFESTS = [
+    ("missing.csv", None, "file not found"),
+    ("empty.csv", b"", "empty file"),
+    ("blank.csv", b"\n\n", "empty file"),
+    ("header.csv", b"filepath,caption\n", "no data rows"),
+    ("broken.parquet", b"not parquet at all", "cannot be read as parquet"),
+    ("broken.jsonl", b'{"filepath": "a.png", "caption": \n', "cannot be read as jsonl"),
+    ("nocaption.csv", b"filepath,words\na.png,hi\n", "no caption column"),
+    ("noimage.csv", b"picture,caption\na.png,hi\n", "no image column"),
+    ("pairs.xlsx", b"whatever", "unsupported manifest format"),
+    ("allbad.csv", b"filepath,caption\nnowhere.png,hi\n", "none of the 1 rows is usable"),
+]
+
+
 #: The broken compressed manifests of :func:`write_broken_compressed_manifests`: file name ->
 #: what the ManifestError must say about it (a regular expression).
 BROKEN_COMPRESSED = {

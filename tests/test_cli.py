@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ecif.cli import main
-from fixtures_data import BROKEN_COMPRESSED, write_bad_manifest, write_broken_compressed_manifests
+from fixtures_data import BROKEN_COMPRESSED, FATAL_MANIFESTS, write_bad_manifest, write_broken_compressed_manifests
 
 
 def _json(capsys, argv) -> object:
@@ -165,16 +165,7 @@ def test_score_on_a_broken_compressed_manifest_is_one_clear_line(tmp_path, capsy
     _json_error(capsys, argv, path)
 
 
-@pytest.mark.parametrize(
-    ("name", "content", "message"),
-    [
-        ("missing.csv", None, "file not found"),
-        ("empty.csv", b"", "empty file"),
-        ("header.csv", b"filepath,caption\n", "no data rows"),
-        ("nocaption.csv", b"filepath,words\na.png,hi\n", "no caption column"),
-        ("allbad.csv", b"filepath,caption\nnowhere.png,hi\n", "none of the 1 rows is usable"),
-    ],
-)
+@pytest.mark.parametrize(("name", "content", "message"), FATAL_MANIFESTS)
 def test_validate_json_reports_every_manifest_error(tmp_path, capsys, name, content, message):
     path = tmp_path / name
     if content is not None:

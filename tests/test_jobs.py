@@ -121,11 +121,11 @@ def test_throttled_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_app_command_and_default_run_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ecif.jobs.launch import APP_SCRIPT, app_command, run_dir_for
+    from ecif.jobs.launch import app_command, app_script, run_dir_for
 
     monkeypatch.setenv("ECIF_CACHE", str(tmp_path))
     command = app_command(tmp_path / "run", tmp_path / "m.csv", port=9999)
-    assert Path(command[command.index("run") + 1]) == APP_SCRIPT and APP_SCRIPT.exists()
+    assert Path(command[command.index("run") + 1]) == app_script() and app_script().exists()
     for flag, value in (("--server.address", "127.0.0.1"), ("--server.port", "9999"),
                         ("--server.headless", "true"), ("--browser.gatherUsageStats", "false"),
                         ("--client.toolbarMode", "viewer")):  # no Deploy button in a local tool

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fixtures_data import (BROKEN_COMPRESSED, write_bad_manifest, write_broken_compressed_manifests, write_png,
-                           write_tiny_images)
+from fixtures_data import (BROKEN_COMPRESSED, FATAL_MANIFESTS, write_bad_manifest, write_broken_compressed_manifests,
+                           write_png, write_tiny_images)
 
 from ecif.data import LoadedManifest, ManifestError, bad_rows_report, load_manifest, write_manifest_subset
 from ecif.data.manifest import iter_manifest_chunks
@@ -186,21 +186,7 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     assert updates[-1] == ("checking images", 8, 8)
 
 
-@pytest.mark.parametrize(
-    ("name", "content", "message"),
-    [
-        ("missing.csv", None, "file not found"),
-        ("empty.csv", b"", "empty file"),
-        ("blank.csv", b"\n\n", "empty file"),
-        ("header.csv", b"filepath,caption\n", "no data rows"),
-        ("broken.parquet", b"not parquet at all", "cannot be read as parquet"),
-        ("broken.jsonl", b'{"filepath": "a.png", "caption": \n', "cannot be read as jsonl"),
-        ("nocaption.csv", b"filepath,words\na.png,hi\n", "no caption column"),
-        ("noimage.csv", b"picture,caption\na.png,hi\n", "no image column"),
-        ("pairs.xlsx", b"whatever", "unsupported manifest format"),
-        ("allbad.csv", b"filepath,caption\nnowhere.png,hi\n", "none of the 1 rows is usable"),
-    ],
-)
+@pytest.mark.parametrize(("name", "content", "message"), FATAL_MANIFESTS)
 def test_fatal_errors_name_the_file(tmp_path: Path, name: str, content: bytes | None, message: str) -> None:
     path = tmp_path / name
     if content is not None:

@@ -30,12 +30,6 @@ def app_script() -> Path:
     return Path(spec.origin).resolve()
 
 
-def __getattr__(name: str) -> Any:
-    # APP_SCRIPT is resolved on first use, so that importing this module never fails.
-    if name == "APP_SCRIPT":
-        return app_script()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def run_dir_for(manifest: str | Path | None = None, model: str | None = None,
                 checkpoint: str | Path | None = None) -> Path:

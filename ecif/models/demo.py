@@ -32,7 +32,7 @@ DEMO_STAGE = "demo model"
 # Bump when the training procedure changes in a way that changes the weights, to retire old caches.
 _TRAINING_VERSION = "3"
 #: The demo model trained on the default demo data, shipped so that no first launch trains it
-#: (six minutes on two cores); its record says what it was trained on and how well it does.
+#: (about eight minutes on two cores); its record says what it was trained on and how well it does.
 SHIPPED_MODEL = "models/ecif-demo.safetensors"
 SHIPPED_RECORD = "models/ecif-demo.json"
 
