@@ -43,6 +43,7 @@ test-slow: $(BENCH_STAMP) chromium
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/fidelity.py
+	$(BIN)/python bench/fidelity_selected.py
 	$(BIN)/python bench/detect.py --digits
 	$(BIN)/python bench/detect.py --pretrained-pool
 	$(BIN)/python bench/detect_disagreements.py

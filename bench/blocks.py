@@ -4,9 +4,9 @@ On a slice of the shapes demo (``--train`` training pairs, 10% random-caption no
 trained on the full noisy manifest) this script scores the slice twice, ``blocks=0`` (heads, 6k
 parameters) and ``blocks=1`` (156k parameters), and reports for each scope:
 
-1. leave-one-out fidelity: ``--loo`` single-pair removals (half from the 10% most harmful), each
-   actually re-fine-tuned from ``θ̂`` (L-BFGS + one Newton-CG step), against the predictions of exact
-   ECIF, first-order ECIF and positive-only influence (Pearson, Spearman);
+1. leave-one-out fidelity: ``--loo`` single-pair removals drawn uniformly, each actually
+   re-fine-tuned from ``θ̂`` (L-BFGS + one Newton-CG step), against the predictions of exact ECIF,
+   first-order ECIF, positive-only influence and exact ECIF with ``H := δ·I`` (Pearson, Spearman);
 2. detection of the planted pairs (AUROC, average precision) for ``influence``,
    ``self_influence_first_order`` and ``clip_score``;
 3. cost of each pipeline stage (fine-tune, curvature, scores) in seconds;
@@ -30,9 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from fidelity import PREDICTORS, correlations, slope_through  # noqa: E402
+from common import correlations, slope_through  # noqa: E402
+from fidelity_selected import PREDICTORS  # noqa: E402
 
 DETECTION = ("influence", "self_influence_first_order", "clip_score")
+IDENTITY = (("influence_identity", "exact ECIF with H := δ·I"),)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train", type=int, default=None, help="training pairs in the slice (default 300)")
     parser.add_argument("--loo", type=int, default=None, help="single-pair removals per scope (default 20)")
     parser.add_argument("--exact-pairs", type=int, default=24, help="pairs whose self-influence is solved exactly (0: skip)")
+    parser.add_argument("--delta", default="auto", help="the fine-tuning penalty: auto (the library's default) or a number")
     common.add_common_arguments(parser)
     args = parser.parse_args(argv)
     args.train = args.train or (150 if args.quick else 300)
@@ -57,11 +60,12 @@ def slice_manifest(demo_run: Path, folder: Path, train: int) -> Path:
     return write_manifest_subset(Run(demo_run).info["manifest_path"], folder, counts)
 
 
-def scope_run(manifest: Path, checkpoint: Path, folder: Path, blocks: int):
+def scope_run(manifest: Path, checkpoint: Path, folder: Path, blocks: int, delta: str):
     import ecif
     from ecif.tasks.pipeline import RunConfig, run_pipeline
 
-    config = RunConfig(run_dir=folder, manifest=manifest, model="ecif-demo", checkpoint=checkpoint, finetune=ecif.FinetuneConfig(blocks=blocks))
+    finetune = ecif.FinetuneConfig(blocks=blocks, delta=delta)
+    config = RunConfig(run_dir=folder, manifest=manifest, model="ecif-demo", checkpoint=checkpoint, finetune=finetune)
     logger = common.StageLogger(prefix=f"{folder.name}: ")
     return run_pipeline(config, reporter=logger.reporter(), stop_after="scores")
 
@@ -70,25 +74,26 @@ def leave_one_out(run, args) -> dict:
     """Actual re-fine-tuning without single pairs against the three predictions."""
     import numpy as np
 
-    from ecif.influence.scores import gradient_of, influence_on, reduced_problem
+    from ecif.influence.scores import gradient_of, influence_along, influence_on, reduced_problem
     from ecif.models.heads import FinetuneConfig, finetune_heads
     from ecif.tasks.engine import load_engine
 
     engine = load_engine(run)
     phi = engine.trusted_loss()
-    influence = influence_on(engine.problem, engine.theta, engine.solver, gradient_of(phi, engine.theta))
+    gradient = gradient_of(phi, engine.theta)
+    influence = influence_on(engine.problem, engine.theta, engine.solver, gradient)
+    # What the curvature contributes: the same exact removal terms with H replaced by δ·I.
+    identity = influence_along(engine.problem, engine.theta, gradient / engine.delta)
     n_pairs = engine.problem.data.n_pairs
-    rng = np.random.default_rng(args.seed)
-    top = np.argsort(influence.influence, kind="stable")[: max(1, n_pairs // 10)]
-    harmful = rng.choice(top, min(len(top), args.loo // 2), replace=False)
-    rest = rng.choice(np.setdiff1d(np.arange(n_pairs), harmful), args.loo - len(harmful), replace=False)
+    # Removals drawn uniformly, not chosen by any predictor.
+    uniform = np.sort(np.random.default_rng(args.seed).choice(n_pairs, args.loo, replace=False))
     cache = run.path("bench-blocks")
     cache.mkdir(exist_ok=True)
     # A retrain for ground truth needs the minimiser, not the fine-tuning report's curvature check.
-    config = FinetuneConfig(delta=engine.finetune.delta, newton_steps=1, curvature_check_products=2)
+    config = FinetuneConfig(delta=engine.delta, newton_steps=1, curvature_check_products=2)
     base = float(phi(engine.theta))
     records = []
-    for position, row in enumerate([*map(int, harmful), *map(int, rest)], start=1):
+    for position, row in enumerate(map(int, uniform), start=1):
         path = cache / f"loo-row{row}.json"
         if path.exists():
             record = json.loads(path.read_text())
@@ -99,11 +104,12 @@ def leave_one_out(run, args) -> dict:
             path.write_text(json.dumps(record))
         for column, _ in PREDICTORS:
             record[column] = float(getattr(influence, column)[row])
+        record["influence_identity"] = float(identity.influence[row])
         records.append(record)
         common.log(f"{run.directory.name} LOO {position}/{args.loo}: row {row} actual {record['actual']:+.3e} exact {record['influence']:+.3e} |grad| {record['gradient_norm']:.1e}")
     actual = [r["actual"] for r in records]
     summary = {}
-    for column, _ in PREDICTORS:
+    for column, _ in PREDICTORS + IDENTITY:
         predicted = [r[column] for r in records]
         summary[column] = {**dict(zip(("pearson", "spearman"), correlations(predicted, actual))), "slope": slope_through(predicted, actual)}
     return {
@@ -162,7 +168,9 @@ def render(args, machine, results: dict) -> str:
         "",
         f"Shapes demo slice: {args.train} training pairs (10% random captions), the demo CLIP trained on the full noisy "
         f"manifest; `blocks=0` (heads) and `blocks=1` (last block of each tower, final norms, heads). "
-        "Command: `.venv/bin/python bench/blocks.py" + (" --quick" if args.quick else "") + "`.",
+        "Command: `.venv/bin/python bench/blocks.py" + (" --quick" if args.quick else "")
+        + ("" if args.delta == "auto" else f" --delta {args.delta}") + "`. "
+        + ("δ chosen on held-out trusted pairs per scope (the library's default)." if args.delta == "auto" else f"δ fixed at {args.delta}."),
         "",
         "## Leave-one-out fidelity (actual re-fine-tuning)",
         "",
@@ -170,11 +178,17 @@ def render(args, machine, results: dict) -> str:
     rows = []
     for name, result in results["scopes"].items():
         loo = result["loo"]
-        for column, label in PREDICTORS:
+        for column, label in PREDICTORS + IDENTITY:
             values = loo["correlations"][column]
-            rows.append([name, result["parameters"], label, values["pearson"], values["spearman"], values["slope"], len(loo["records"]), loo["max_gradient_norm"]])
-    headers = ["scope", "parameters", "prediction", "Pearson", "Spearman", "slope (actual on predicted)", "removals", "largest retrain gradient norm"]
+            rows.append([name, result["parameters"], result["delta"], label, values["pearson"], values["spearman"], values["slope"], len(loo["records"]), loo["max_gradient_norm"]])
+    headers = ["scope", "parameters", "δ", "prediction", "Pearson", "Spearman", "slope (actual on predicted)", "removals", "largest retrain gradient norm"]
     lines.append(common.markdown_table(headers, rows))
+    sweeps = [[name, point["delta"], point.get("selection_loss"), point.get("converged"), point.get("parameter_change")]
+              for name, result in results["scopes"].items() if result.get("delta_selection")
+              for point in result["delta_selection"]["sweep"]]
+    if sweeps:
+        lines += ["", "The δ sweep of each scope (held-out trusted loss; the lowest converged one is chosen):", "",
+                  common.markdown_table(["scope", "δ", "held-out loss", "converged", "‖θ̂−θ₀‖"], sweeps)]
     lines += ["", "## Detection of the planted pairs", ""]
     rows = []
     for name, result in results["scopes"].items():
@@ -209,7 +223,8 @@ def main(argv=None) -> dict:
     manifest = slice_manifest(demo.directory, folder / "data", args.train)
     results = {"scopes": {}, "settings": vars(args) | {"work": str(work), "results": str(args.results)}}
     for name, blocks in (("heads", 0), ("blocks=1", 1)):
-        run = scope_run(manifest, checkpoint, folder / f"run-blocks{blocks}", blocks)
+        suffix = "" if args.delta == "auto" else f"-d{float(args.delta):g}"
+        run = scope_run(manifest, checkpoint, folder / f"run-blocks{blocks}{suffix}", blocks, args.delta)
         stages = {stage: run.info["stages"][stage]["seconds"] for stage in ("fine-tune", "curvature", "scores")}
         detection = detection_report(run.scores(), columns=DETECTION).to_dict("records")
         from ecif.tasks.engine import load_engine
@@ -217,6 +232,8 @@ def main(argv=None) -> dict:
         engine = load_engine(run)
         results["scopes"][name] = {
             "parameters": engine.scope.size,
+            "delta": engine.delta,
+            "delta_selection": run.info["stages"]["fine-tune"].get("delta_selection"),
             "solver": run.info["stages"]["curvature"]["solver"],
             "stages": stages,
             "detection": detection,
@@ -224,7 +241,8 @@ def main(argv=None) -> dict:
         }
         if blocks and args.exact_pairs:
             results["low_rank"] = low_rank_against_exact(run, args.exact_pairs, args.seed)
-    common.publish("blocks", {"machine": machine, **results}, render(args, machine, results), args.results)
+    name = "blocks" if args.delta == "auto" else f"blocks-d{float(args.delta):g}"
+    common.publish(name, {"machine": machine, **results}, render(args, machine, results), args.results)
     return results
 
 

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: machine description, scored demo runs, progress,
-markdown tables and result files.
+correlations, the on-disk cache of retrains, markdown tables and result files.
 
 Every script writes ``bench/results/NAME.json`` (machine, settings, raw numbers, tables) and
 ``bench/results/NAME.md`` (the same tables as markdown), and prints the markdown.
@@ -170,8 +170,8 @@ def scored_demo_run(
     if stored:
         config = RunConfig.from_settings(run_dir, stored)
     else:
-        # The benchmarks measure against the dense reference (fidelity's damping sweep rebuilds it, the
-        # peers reuse its stored factor); the library's `auto` takes EK-FAC-preconditioned CG.
+        # The benchmarks measure against the dense reference (fidelity_selected's damping sweep rebuilds
+        # it, the peers reuse its stored factor); the library's `auto` takes EK-FAC-preconditioned CG.
         config = ecif.RunConfig(
             run_dir=run_dir, demo=ecif.DemoDataConfig(name=name, n=n, noise=noise, corruption=corruption, seed=seed),
             curvature=ecif.CurvatureConfig(solver="dense"),
@@ -201,6 +201,47 @@ def pretraining_pool_checkpoint(work: Path, name: str = "shapes", n: int = 3000,
         make_demo_data(name, folder, n=n, noise=0.0, seed=seed + 1000)
     logger = StageLogger(prefix="pretraining pool: ")
     return train_demo_model(load_manifest(folder / "manifest.csv"), reporter=logger.reporter())
+
+
+def correlations(predicted, actual) -> tuple[float, float]:
+    """``(Pearson, Spearman)`` of predicted against actual changes (NaN with fewer than 3 points or no spread)."""
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    if len(actual) < 3 or np.ptp(predicted) == 0 or np.ptp(actual) == 0:
+        return float("nan"), float("nan")
+    return float(pearsonr(predicted, actual)[0]), float(spearmanr(predicted, actual)[0])
+
+
+def slope_through(predicted, actual) -> float:
+    """Least-squares slope of actual on predicted (1 = right scale)."""
+    import numpy as np
+
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    centred = predicted - predicted.mean()
+    return float((centred * (actual - actual.mean())).sum() / max((centred**2).sum(), 1e-300))
+
+
+class RetrainCache:
+    """Retrained ``θ`` summaries on disk, keyed by the removed rows and the tolerance (resumable)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self.path(key)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, key: str, value: dict) -> None:
+        path = self.path(key)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(value))
+        temporary.replace(path)
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -140,10 +140,12 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
     from ecif.paths import text_sha256
     from ecif.tasks.engine import load_engine
     from ecif.tasks.trace import item_answers, item_targets, items_loss
-    from fidelity import RetrainCache, correlations, retrain
+    from common import RetrainCache, correlations
+    from fidelity_selected import retrain
 
     engine = load_engine(run)
-    config = dataclasses.replace(engine.finetune, gradient_tolerance=args.tolerance)
+    # Retrains start next to θ̂ and only their gradient norm matters here: a short eigenvalue check.
+    config = dataclasses.replace(engine.finetune, gradient_tolerance=args.tolerance, curvature_check_products=20)
     cache = RetrainCache(cache_dir or run.directory / "bench-trace")
 
     def refit(rows) -> torch.Tensor:

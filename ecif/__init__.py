@@ -58,6 +58,8 @@ _EXPORTS = {
     "run_pipeline": "ecif.tasks.pipeline",
     "score_store": "ecif.influence.streaming",
     "score_training_pairs": "ecif.tasks.evaluate",
+    "refined_removal_effect": "ecif.influence.scores",
+    "select_delta": "ecif.models.heads",
     "self_influence": "ecif.influence.scores",
     "trace": "ecif.tasks.trace",
     "verify_by_refit": "ecif.tasks.clean",
@@ -70,9 +72,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ecif.data.manifest import iter_manifest_chunks, load_manifest, write_manifest_subset
     from ecif.influence.blocks import BlocksScope
     from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
-    from ecif.influence.scores import influence_on, self_influence
+    from ecif.influence.scores import influence_on, refined_removal_effect, self_influence
     from ecif.influence.streaming import FeatureStore, StreamingConfig, read_scores, score_store, write_feature_store
-    from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads, initial_scope
+    from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads, initial_scope, select_delta
     from ecif.progress import Cancelled, Reporter
     from ecif.run import Run
     from ecif.tasks.clean import EditResult, apply_edit, predict_edit, predict_items, verify_by_refit
@@ -129,6 +131,8 @@ __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "run_pipeline",
     "score_store",
     "score_training_pairs",
+    "refined_removal_effect",
+    "select_delta",
     "self_influence",
     "trace",
     "verify_by_refit",

@@ -206,15 +206,16 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ecif.run import FINETUNE_FILE, read_json
-
     run = _run_until(args, "fine-tune")
-    report = read_json(run.path(FINETUNE_FILE))
+    report = run.finetune_report()
+    selection = report["delta_selection"]
     text = "\n".join(
         [
             f"fine-tuned heads in {run.directory}",
+            f"  penalty δ                {report['delta']:g}" + (" (chosen on held-out trusted pairs)" if selection else ""),
+            *(_delta_sweep_lines(selection) if selection else []),
             f"  gradient norm            {report['gradient_norm']:.2e}",
-            f"  smallest Hessian eigval  {report['smallest_hessian_eigenvalue']:.4g}",
+            f"  smallest Hessian eigval  {report.get('smallest_hessian_eigenvalue_note') or format(report['smallest_hessian_eigenvalue'], '.4g')}",
             f"  smallest pre-norm norm   {report['smallest_prenorm_norm']:.4g}",
             f"  trusted-free train loss  {report['contrastive_loss']:.4f}",
             *[f"  WARNING: {w}" for w in report["warnings"]],
@@ -224,8 +225,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0 if report["converged"] else 1
 
 
+def _delta_sweep_lines(selection: dict) -> list[str]:
+    lines = [f"    {'δ':>6}  {'held-out loss':>13}  {'gradient norm':>13}  {'min eigenvalue':>14}  verdict"]
+    for point in selection["sweep"]:
+        if "skipped" in point:
+            lines.append(f"    {point['delta']:>6g}  {'':>13}  {'':>13}  {'':>14}  not tried: {point['skipped']}")
+            continue
+        verdict = "chosen" if point["delta"] == selection["delta"] else ("eligible" if point["converged"] else "not a well-conditioned minimum")
+        lines.append(
+            f"    {point['delta']:>6g}  {point['selection_loss']:>13.4f}  {point['gradient_norm']:>13.2e}  "
+            f"{point['smallest_hessian_eigenvalue']:>14.4g}  {verdict}"
+        )
+    if selection.get("note"):
+        lines.append(f"    note: {selection['note']}")
+    return lines
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     run = _run_until(args, None)
+    _name_unconverged(run)
     scores = run.scores()
     payload = {"run": str(run.directory), "pairs": len(scores), "most_harmful": scores.head(args.top)}
     text = f"scored {len(scores)} pairs → {run.directory / 'scores.parquet'}\nmost harmful:\n" + _table(
@@ -266,17 +284,26 @@ def cmd_score_features(args: argparse.Namespace) -> int:
     from ecif.tasks.engine import load_heads
     from ecif.tasks.extract import read_row_map
 
-    scope, theta, _ = load_heads(Path(args.heads))
+    scope, theta, theta0 = load_heads(Path(args.heads))
     config = StreamingConfig(
-        batch_size=args.batch_size, delta=args.delta, damping=args.damping, self_influence=args.self_influence
+        batch_size=args.batch_size, delta=args.delta, damping=args.damping, self_influence=args.self_influence,
+        gradient_tolerance=args.gradient_tolerance, allow_unconverged=args.allow_unconverged,
     )
     trusted = FeatureStore.open(args.trusted).in_memory(args.batch_size)
     store = FeatureStore.open(args.features)
-    result = score_store(store, trusted, scope, theta, args.out, config, _executor(args), _reporter(args))
+    reporter = _reporter(args)
+    # Heads that are not a minimiser of the scored R raise NotAMinimiser (a ValueError: one line from main).
+    result = score_store(store, trusted, scope, theta, args.out, config, _executor(args), reporter, theta0=theta0)
+    reporter.callback.close()  # a progress bar left open would share the warning's line
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     influence = read_scores(args.out)["influence"]
     harmful = np.argsort(influence)[: args.top]
+    check = result.stationarity
+    gradient_norm, relative = (math.nan if check[key] is None else check[key] for key in ("gradient_norm", "relative_gradient_norm"))
     payload = {"out": str(result.out_dir), "pairs": result.n_pairs, "solver": result.solver, "seconds": result.seconds,
-               "most_harmful_rows": harmful, "most_harmful_influence": influence[harmful]}
+               "stationarity": check, "warnings": result.warnings,
+               "most_harmful_rows": harmful.tolist(), "most_harmful_influence": influence[harmful].tolist()}
     row_map = read_row_map(store, columns=["uid"])
     if row_map is None:
         what, names = "rows", [str(row) for row in harmful]
@@ -284,6 +311,8 @@ def cmd_score_features(args: argparse.Namespace) -> int:
         what, names = "pairs", row_map["uid"].to_numpy()[harmful].tolist()
         payload["most_harmful_uids"] = names
     lines = [f"scored {result.n_pairs} pairs → {result.out_dir}/scores-*.npz (negative influence = harmful)",
+             f"heads {'are' if check['passed'] else 'are NOT'} a minimiser of the scored objective: gradient norm "
+             f"{gradient_norm:.2e} (tolerance {check['tolerance']:.0e}, relative {relative:.2e})",
              f"most harmful {what}: " + ", ".join(f"{name} ({influence[row]:.3g})" for name, row in zip(names, harmful))]
     _emit(args, payload, "\n".join(lines))
     return 0
@@ -297,6 +326,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.out = args.out or str(default_demo_run_dir())
     args.manifest, args.model, args.checkpoint, args.pretrained = None, "demo", None, None
     run = _run_until(args, None)
+    _name_unconverged(run)
     scores = run.scores()
     report = detection_report(scores)
     wrong = mispredictions(run)
@@ -319,7 +349,19 @@ def _open_run(path: str):
     run = Run(path)
     if not run.is_scored:
         raise SystemExit(f"{run.directory} is not a scored run (no scores.parquet); run `ecif score --out {path}` first")
+    _name_unconverged(run)
     return run
+
+
+def _name_unconverged(run) -> None:
+    """Say on stderr, before any score, that the run's heads are not a well-conditioned minimiser."""
+    report = run.finetune_report()
+    if report is not None and not report.get("converged", True):
+        print(
+            "WARNING: the fine-tuned heads are not a well-conditioned minimum, so every influence score of this "
+            "run is unreliable: " + " ".join(report.get("warnings", [])),
+            file=sys.stderr,
+        )
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -445,13 +487,28 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: str) -> None:
     parser.add_argument("--pretrained", help="open_clip pretrained tag (only if already in the local cache; offline)")
 
 
+def _delta_argument(value: str) -> float | str:
+    from ecif.models.heads import parse_delta
+
+    try:
+        return parse_delta(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_run_options(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
     parser.add_argument("--manifest", help="CSV/TSV/JSONL/parquet manifest or image folder (default: built-in demo data)")
     _add_model_options(parser, "'demo' (trains the small ecif-demo model)")
     parser.add_argument("--out", required=out_required, help="run folder")
     parser.add_argument("--trusted-split", default="val", help="split used as the trusted set (default: val)")
     parser.add_argument("--test-split", default="test", help="split scanned for mispredictions (default: test)")
-    parser.add_argument("--delta", type=float, default=1.0, help="penalty towards the starting heads (default 1.0)")
+    parser.add_argument(
+        "--delta",
+        type=_delta_argument,
+        default="auto",
+        help="penalty δ towards the starting heads: 'auto' (default: chosen on held-out trusted pairs from "
+        "3, 1, 0.3, 0.1, 0.03, 0.01) or a number",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="reference batch size (default 64)")
     parser.add_argument("--learn-logit-scale", action="store_true", help="include the logit scale in the influence scope")
     parser.add_argument(
@@ -530,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1.0, help="the δ the heads were fine-tuned with (default 1.0)")
     p.add_argument("--damping", type=float, default=1e-4)
     p.add_argument("--self-influence", action="store_true", help="also both self-influence columns, exact and first order (a [batch, parameters] Jacobian per batch and form: much slower)")
+    p.add_argument("--gradient-tolerance", type=float, default=1e-4,
+                   help="largest gradient norm of the scored objective at the heads accepted as a minimiser (default 1e-4)")
+    p.add_argument("--allow-unconverged", action="store_true",
+                   help="score heads that are not a minimiser of the scored objective anyway, with a warning "
+                   "(by default they are refused: ECIF assumes a minimiser)")
     _add_ray_option(p, "score shards as Ray tasks")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")

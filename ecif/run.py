@@ -122,5 +122,17 @@ class Run:
     def mispredictions(self) -> pd.DataFrame:
         return pd.read_parquet(self.path(MISPREDICTIONS_FILE))
 
+    def finetune_report(self) -> dict[str, Any] | None:
+        """The fine-tuning report (``finetune.json``) with the chosen ``δ`` and its sweep, or ``None``.
+
+        ``converged`` False means the heads are not a well-conditioned minimiser and every score
+        of the run is unreliable; ``warnings`` says why, one sentence each.
+        """
+        report = read_json(self.path(FINETUNE_FILE))
+        if report is None:
+            return None
+        selection = self.info.get("stages", {}).get("fine-tune", {}).get("delta_selection")
+        return {**report, "delta_selection": selection}
+
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r})"

@@ -335,7 +335,7 @@ def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert started[0]["manifest"] == str(manifest) and started[0]["trusted_split"] == "val"
-    assert read_status(target)["settings"]["finetune"]["delta"] == 1.0  # recorded for resume
+    assert read_status(target)["settings"]["finetune"]["delta"] == "auto"  # recorded for resume
     assert read_status(target)["settings"]["finetune"]["blocks"] == 1
 
 
@@ -349,3 +349,41 @@ def test_dropped_bin_and_restore(run) -> None:
     at.button(key=f"grid_res_{row}").click().run()
     assert open_store(run).current_state().set_index("row").loc[row, "status"] == "pending"
     assert match_count(at) == 0
+
+
+def _mark_unconverged(run) -> None:
+    from ecif.run import FINETUNE_FILE, atomic_write_json
+
+    atomic_write_json(run.path(FINETUNE_FILE), {
+        "delta": 0.01, "gradient_norm": 1.0e-2, "smallest_hessian_eigenvalue": 0.02, "smallest_prenorm_norm": 0.3,
+        "contrastive_loss": 0.4, "converged": False,
+        "warnings": ["not converged: gradient norm 1.00e-02 (tolerance 1e-07)"]})
+
+
+@pytest.mark.parametrize("page", ["review", "mispredictions", "whatif"])
+def test_an_unconverged_fine_tune_is_named_before_any_score(run, page: str) -> None:
+    _mark_unconverged(run)
+    at = app(run, page)
+    assert not at.exception, at.exception
+    assert any("not a well-conditioned minimum" in box.value and "gradient norm 1.00e-02" in box.value for box in at.error)
+
+
+def test_load_page_shows_the_chosen_delta_and_its_sweep(run) -> None:
+    from ecif.run import FINETUNE_FILE, atomic_write_json
+
+    atomic_write_json(run.path(FINETUNE_FILE), {
+        "delta": 0.03, "gradient_norm": 8.3e-9, "smallest_hessian_eigenvalue": 0.0195,
+        "smallest_hessian_eigenvalue_note": "0.0195 (Lanczos, converged to residual 2e-05)",
+        "smallest_prenorm_norm": 4.2, "contrastive_loss": 0.69, "converged": True, "warnings": []})
+    sweep = [{"delta": 0.1, "selection_loss": 0.768, "gradient_norm": 9e-9, "smallest_hessian_eigenvalue": 0.084, "converged": True},
+             {"delta": 0.03, "selection_loss": 0.767, "gradient_norm": 8e-9, "smallest_hessian_eigenvalue": 0.0195, "converged": True},
+             {"delta": 0.01, "selection_loss": 0.857, "gradient_norm": 1e-2, "smallest_hessian_eigenvalue": 0.023, "converged": False}]
+    stages = run.info.get("stages", {})
+    stages["fine-tune"] = {"delta": 0.03, "delta_selection": {"delta": 0.03, "selection_pairs": 6, "rule": "held-out", "sweep": sweep}}
+    run.update_info(stages=stages)
+    at = app(run, "load")
+    assert not at.exception, at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert "Penalty δ = 0.03" in text and "chosen on 6 held-out trusted pairs" in text and "converged to residual" in text
+    table = next(frame.value for frame in at.dataframe if "held-out loss" in frame.value.columns)
+    assert table["verdict"].tolist() == ["eligible", "chosen", "not a well-conditioned minimum"]

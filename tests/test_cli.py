@@ -188,3 +188,33 @@ def test_broken_manifest_from_the_shell_has_no_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and str(path) in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, "-m", "ecif.cli", "validate", str(path), "--json"], capture_output=True, text=True)
     assert result.returncode == 1 and json.loads(result.stdout)["file"] == str(path)
+
+
+def test_an_unconverged_run_is_named_before_its_scores(scored_demo_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("run.json", "scores.parquet", "manifest.parquet"):
+        shutil.copy(scored_demo_run / name, copy / name)
+    report = json.loads((scored_demo_run / "finetune.json").read_text())
+    report.update(converged=False, warnings=["not converged: gradient norm 1.00e-02 (tolerance 1e-07)"])
+    (copy / "finetune.json").write_text(json.dumps(report))
+    assert main(["detect", "--run", str(copy), "--top-k", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "not a well-conditioned minimum" in captured.err and "gradient norm 1.00e-02" in captured.err
+    assert main(["detect", "--run", str(scored_demo_run), "--top-k", "3"]) == 0
+    assert "WARNING" not in capsys.readouterr().err  # the demo run's heads converged
+
+
+def test_finetune_lines_name_the_chosen_delta(scored_demo_run):
+    from ecif.cli import _delta_sweep_lines
+    from ecif.models.heads import DELTA_GRID
+    from ecif.run import Run
+
+    report = Run(scored_demo_run).finetune_report()
+    lines = _delta_sweep_lines(report["delta_selection"])
+    assert len(lines) == 1 + len(DELTA_GRID)
+    chosen = [line for line in lines if line.endswith("chosen")]
+    assert len(chosen) == 1 and f"{report['delta']:g}" in chosen[0]

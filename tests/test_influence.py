@@ -18,7 +18,7 @@ from ecif.influence.scores import (
 )
 from ecif.influence.test_functions import validation_loss
 from ecif.models.heads import FinetuneConfig, finetune_heads
-from maths_fixtures import make_toy
+from maths_fixtures import make_detection_toy, make_toy
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,10 @@ def test_leave_one_out_fidelity_exact_beats_first_order_and_positive_only(settin
     exact = pearsonr(influence.influence[rows], actual)[0]
     first = pearsonr(influence.influence_first_order[rows], actual)[0]
     positive_only = pearsonr(influence.influence_pos_only[rows], actual)[0]
+    # measured (24 pairs, seed 0): Pearson exact 0.995, first order 0.979, positive-only 0.931
     assert exact >= 0.9, (exact, first, positive_only)
+    assert first >= 0.9, (exact, first, positive_only)
+    assert exact > first > positive_only, (exact, first, positive_only)
     assert exact > positive_only + 0.05
     assert spearmanr(influence.influence[rows], actual)[0] >= 0.85
 
@@ -107,8 +110,16 @@ def test_leave_set_out_prediction_within_20_percent_and_newton_edit_closer(setti
     assert newton < one_shot
 
 
-def test_flipped_pairs_are_harmful_on_average(setting):
-    toy, _, _, influence = setting
+def test_flipped_pairs_are_harmful_on_average():
+    """Mean ``Δφ`` of the flipped pairs is negative (removing them lowers the validation loss) and
+    below the clean pairs' mean, on a toy whose heads are shaped by the data (see make_detection_toy)."""
+    toy = make_detection_toy()
+    solver = build_solver(toy.problem, toy.theta, CurvatureConfig(solver="dense"))
+    phi = validation_loss(toy.problem.scope, toy.validation)
+    influence = influence_on(toy.problem, toy.theta, solver, gradient_of(phi, toy.theta)).influence
     flipped = toy.flipped.numpy()
-    # the toy's weak 6-d heads make it a poor detector; the demo benchmark measures detection
-    assert influence.influence[flipped].mean() < influence.influence[~flipped].mean()
+    scale = np.median(np.abs(influence))
+    # measured: flipped mean −0.0197 (14 pairs), clean mean +0.0058, median |Δφ| 0.0094
+    assert influence[flipped].mean() < -0.5 * scale, (influence[flipped].mean(), scale)
+    assert influence[flipped].mean() < influence[~flipped].mean() - scale, (influence[flipped].mean(), influence[~flipped].mean())
+

@@ -7,11 +7,14 @@ import torch
 
 from ecif.influence.objective import (
     ContrastiveData,
+    HeadsProblem,
     HeadsScope,
+    batch_logits,
     contrastive_sum,
     pair_terms,
     reference_batches,
 )
+from ecif.influence.scores import additive_set_gradient, edit_gradient, predicted_step
 from maths_fixtures import toy_features
 
 
@@ -59,13 +62,48 @@ def test_exact_removal_term_is_the_exact_change_of_the_sum(setup, row):
 
 
 def test_group_removal_in_one_batch_is_not_additive_but_edit_is_exact(setup):
+    """Pairs sharing a batch: the group edit's objective change is exact (its parameter step is first order)."""
     scope, theta, data = setup
     batch = data.batches[0][:3].tolist()
     terms = pair_terms(scope, theta, data)
     reduced, _ = data.edited(batch)
     actual = float(contrastive_sum(scope, theta, data) - contrastive_sum(scope, theta, reduced))
     additive = float(sum(terms["pos"][r] + terms["neg"][r] for r in batch))
-    assert abs(additive - actual) > 1e-3  # shared denominators: sums of logs are not the log of sums
+    assert abs(additive - actual) > 1e-3  # shared denominators: sums of logs are not the log of sums (measured 3.3)
+
+    # The group (exact-removal) change of ECIF_METHOD §4, written out independently of the library:
+    # the removed pairs' own terms, plus each remaining row/column losing log(1 − Σ_{n∈D*} P_kn).
+    members = data.batches[0]
+    slots = [members.tolist().index(r) for r in batch]
+    others = [k for k in range(len(members)) if k not in slots]
+
+    def group_removal(parameters: torch.Tensor) -> torch.Tensor:
+        logits = batch_logits(scope, parameters, data.image[members], data.text[members])
+        rows, columns = torch.softmax(logits, dim=-1), torch.softmax(logits, dim=-2).T
+        own = sum(pair_terms(scope, parameters, data)["pos"][r] for r in batch)
+        lost = sum(torch.log1p(-rows[k, slots].sum()) + torch.log1p(-columns[k, slots].sum()) for k in others)
+        return own - lost
+
+    assert float(group_removal(theta)) == pytest.approx(actual, rel=1e-10)  # exact, where additive is not
+
+    # The library's group edit is the gradient of exactly that change (−∇ΔR with ΔR = −change/N),
+    # and its predicted step (first order in the parameters) is one solve with it; the additive
+    # gradient is not the same vector.
+    problem = HeadsProblem(scope, data, torch.zeros_like(theta), 1.0)
+    group_gradient = torch.func.grad(group_removal)(theta) / data.normaliser
+    edit = edit_gradient(problem, theta, batch)
+    torch.testing.assert_close(edit, group_gradient, rtol=1e-10, atol=1e-12 * float(group_gradient.abs().max()))
+    additive_gradient = additive_set_gradient(problem, theta, batch)
+    assert float((additive_gradient - edit).norm()) > 0.1 * float(edit.norm())  # measured 0.44
+    spd = torch.randn(theta.numel(), theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    spd = spd @ spd.T + torch.eye(theta.numel(), dtype=torch.float64)
+
+    class _Solve:
+        def solve(self, vector: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.solve(spd, vector)
+
+    step = predicted_step(problem, theta, _Solve(), batch, estimate="group", renormalise=False)
+    torch.testing.assert_close(step, torch.linalg.solve(spd, group_gradient), rtol=1e-8, atol=1e-12)
 
 
 def test_first_order_negative_is_the_derivative_of_down_weighting(setup):

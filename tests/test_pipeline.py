@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -39,27 +40,47 @@ def test_scores_table_has_every_column_and_the_sign_convention(run):
 def test_run_json_records_model_data_and_settings(run):
     info = run.info
     assert len(info["manifest_sha256"]) == 64 and len(info["model_hash"]) >= 16
-    assert info["settings"]["finetune"]["delta"] > 0
+    assert info["settings"]["finetune"]["delta"] == "auto"
     assert info["stages"]["curvature"]["solver"] == "ekfac-cg"  # what --solver auto takes for the heads
     report = json.loads(run.path("finetune.json").read_text())
     assert report["converged"], report["warnings"]
     assert report["smallest_hessian_eigenvalue"] > 0
-    assert report["gradient_norm"] < 1e-5
+    assert report["gradient_norm"] <= 1e-7  # the default tolerance, not a multiple of it
+
+
+def test_delta_is_chosen_on_held_out_trusted_pairs(run):
+    from ecif.tasks.engine import heads_delta, load_engine, split_rows
+
+    stage = run.info["stages"]["fine-tune"]
+    selection = stage["delta_selection"]
+    tried = [point for point in selection["sweep"] if "skipped" not in point]
+    eligible = [point for point in tried if point["converged"]]
+    assert eligible, selection
+    best = min(eligible, key=lambda point: point["selection_loss"])
+    assert stage["delta"] == best["delta"] == selection["delta"] == heads_delta(run.path("heads.safetensors"))
+    assert json.loads(run.path("finetune.json").read_text())["delta"] == stage["delta"]
+    # The pairs that chose δ are not the ones influence is measured on, and together they are the trusted split.
+    engine = load_engine(run)
+    trusted = split_rows(run.manifest(), "val")
+    assert selection["selection_pairs"] + len(engine.trusted_rows) == len(trusted)
+    assert set(engine.trusted_rows) < set(trusted)
+    assert engine.delta == stage["delta"]
 
 
 def test_planted_misaligned_pairs_are_found(run):
     report = ecif.detection_report(run.scores()).set_index("score")
-    # Measured on the demo with seeds 0 / 1 / 2 (ECIF_DEMO_SEED; data and model), 1 and 2 torch
-    # threads giving the same numbers for seed 0 (the shipped model): self-influence AUROC
-    # 0.957 / 0.872 / 0.943, AP 0.816 / 0.614 / 0.808, precision@100 0.93 / 0.81 / 0.95; influence
-    # AUROC 0.769 / 0.749 / 0.740, precision@50 0.88 / 0.72 / 0.82; first-order self-influence AP
-    # 0.875 / 0.710 / 0.863 (chance: 0.10). Each bound is the worst seed less a margin of about 0.05.
+    # Measured at the auto δ (0.03 / 0.3 / 0.03 on seeds 0 / 1 / 2; ECIF_DEMO_SEED: data and model;
+    # seeds 1 and 2 with the dense solver, bench/fidelity.py's runs: the default ekfac-cg solves
+    # exactly, so `influence` is the same and self-influence within 0.03 AP): self-influence AUROC
+    # 0.958 / 0.872 / 0.931, AP 0.822 / 0.605 / 0.754, precision@100 0.97 / 0.77 / 0.92; influence
+    # AUROC 0.743 / 0.729 / 0.704, precision@50 0.76 / 0.70 / 0.68; first-order self-influence AP
+    # 0.881 / 0.708 / 0.821 (chance: 0.10).  Each bound is the worst seed less a margin of about 0.05.
     assert report.loc["self_influence", "auroc"] >= 0.82
     assert report.loc["self_influence", "average_precision"] >= 0.55
-    assert report.loc["self_influence", "precision@100"] >= 0.75
-    assert report.loc["influence", "auroc"] >= 0.70
-    assert report.loc["influence", "precision@50"] >= 0.65
-    # The first-order form is the better detector on every seed (by 0.06 / 0.10 / 0.055 AP).
+    assert report.loc["self_influence", "precision@100"] >= 0.72
+    assert report.loc["influence", "auroc"] >= 0.65
+    assert report.loc["influence", "precision@50"] >= 0.60
+    # The first-order form is the better detector on every seed (by 0.06 / 0.10 / 0.07 AP).
     assert report.loc["self_influence_first_order", "average_precision"] >= 0.65
     assert report.loc["self_influence_first_order", "average_precision"] > report.loc["self_influence", "average_precision"]
 
@@ -83,8 +104,8 @@ def test_demo_model_knows_shapes(run):
     table = pd.read_parquet(run.path("mispredictions.parquet"))
     test = table[table["split"] == "test"]
     assert len(test) == (run.manifest()["split"] == "test").sum()
-    # Measured 0.828 / 0.850 / 0.783 with demo seeds 0 / 1 / 2.
-    assert test["correct"].mean() >= 0.73, f"zero-shot shape accuracy {test['correct'].mean():.3f}"
+    # Measured 0.806 / 0.839 / 0.775 with demo seeds 0 / 1 / 2 at the auto δ (0.828 / 0.850 / 0.783 at δ = 1).
+    assert test["correct"].mean() >= 0.72, f"zero-shot shape accuracy {test['correct'].mean():.3f}"
 
 
 def test_second_run_is_served_from_the_cache(run):
@@ -194,9 +215,12 @@ def test_dropping_a_confusions_culprits_is_predicted_for_its_items(run):
     before, closed, actual = predicted["loss_before"].mean(), predicted["loss_after"].mean(), refitted["loss_after"].mean()
     assert np.allclose(predicted["loss_before"], refitted["loss_before"])
     assert closed < before and actual < before, (before, closed, actual)
-    # The closed form tracks re-fine-tuning: its error is 0.095 / 0.133 / 0.123 of the actual change
-    # with demo seeds 0 / 1 / 2.
-    assert abs(closed - actual) < 0.25 * abs(actual - before), (before, closed, actual)
+    # At δ = 1 the closed form's error was 0.095 / 0.133 / 0.123 of the actual change (seeds 0 / 1 / 2);
+    # at the auto δ (0.03 on seed 0) 50 culprits move the heads beyond the linear regime: the closed
+    # form is 0.39 short and three Newton steps on the edited objective 0.067 (five: 0.016).
+    assert abs(closed - actual) < 0.5 * abs(actual - before), (before, closed, actual)
+    newton = ecif.predict_items(run, uids, drop_rows=culprits, newton_steps=3)["loss_after"].mean()
+    assert abs(newton - actual) < 0.15 * abs(actual - before), (before, newton, actual)
     nothing = ecif.predict_items(run, uids[:1])
     assert np.allclose(nothing["loss_after"], nothing["loss_before"])
     with pytest.raises(KeyError, match="no-such-uid"):
@@ -222,3 +246,26 @@ def test_relabel_is_predicted_with_the_new_caption(run):
     fixed = ecif.predict_edit(run, relabel={int(corrupted["row"]): str(corrupted["original_caption"])})
     assert fixed.relabelled == 1
     assert fixed.after.trusted_loss < fixed.before.trusted_loss
+
+
+def test_refined_removal_effect_closes_the_nonlinear_gap_of_memorised_pairs(run):
+    """At the auto δ the single-pair response of the largest-self-influence pairs bends; two Newton
+    steps on the reduced objective track actual retraining (bench/results/fidelity.md)."""
+    from ecif.influence.scores import reduced_problem, refined_removal_effect
+    from ecif.models.heads import finetune_heads
+    from ecif.tasks.engine import load_engine
+
+    engine = load_engine(run)
+    scores = run.scores().sort_values("row").reset_index(drop=True)  # problem index = position among training rows
+    rows = scores["self_influence"].nlargest(2).index.to_numpy()
+    phi = engine.trusted_loss()
+    base = float(phi(engine.theta))
+    config = dataclasses.replace(engine.finetune, gradient_tolerance=1e-9, curvature_check_products=2)
+    actual = np.array([float(phi(finetune_heads(reduced_problem(engine.problem, [int(row)]), engine.theta, config)[0])) - base
+                       for row in rows])
+    linear = scores["influence"].to_numpy()[rows]
+    refined = refined_removal_effect(engine.problem, engine.theta, engine.solver, phi, rows, steps=2)
+    # Measured on seed 0 (δ = 0.03): actual −0.00232 / −0.00294, linear −0.00167 / −0.00242, refined
+    # −0.00205 / −0.00266: the error roughly halves (0.47); the bound leaves room for other seeds.
+    assert np.sign(refined).tolist() == np.sign(actual).tolist()
+    assert np.abs(refined - actual).sum() < 0.75 * np.abs(linear - actual).sum(), (actual, linear, refined)

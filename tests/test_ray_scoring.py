@@ -62,8 +62,10 @@ def test_streamed_scores_equal_the_in_memory_library_path(tmp_path):
     assert report.converged
     trusted = trusted_set()
 
-    result = score_store(store, trusted, scope, theta, tmp_path / "scores", config)
+    result = score_store(store, trusted, scope, theta, tmp_path / "scores", config, theta0=theta0)
     streamed = read_scores(tmp_path / "scores")
+    # The same objective as the fine-tune's, so its gradient norm is within the fine-tune's tolerance (1e-7).
+    assert result.stationarity["passed"] and result.stationarity["gradient_norm"] <= 1e-7 and not result.warnings
 
     solver = KroneckerSolver(problem, theta, config.damping)
     reference = influence_on(problem, theta, solver, gradient_of(validation_loss(scope, trusted), theta))
@@ -76,10 +78,11 @@ def test_streamed_scores_equal_the_in_memory_library_path(tmp_path):
     assert result.shards_scored == 3
 
     # resumable: a second call finds every shard and the stored solver, and recomputes nothing
-    again = score_store(store, trusted, scope, theta, tmp_path / "scores", config)
+    again = score_store(store, trusted, scope, theta, tmp_path / "scores", config, theta0=theta0)
     assert again.shards_scored == 0 and again.seconds["curvature"] == 0.0
+    assert again.stationarity == result.stationarity  # checked again from the stored gradient
     with pytest.raises(ValueError, match="other features"):
-        score_store(store, trusted, scope, theta + 0.01, tmp_path / "scores", config)
+        score_store(store, trusted, scope, theta + 0.01, tmp_path / "scores", config, theta0=theta0)
 
 
 def test_streamed_ekfac_ranks_like_the_dense_solver_on_a_downsized_problem(tmp_path):
@@ -97,7 +100,7 @@ def test_streamed_ekfac_ranks_like_the_dense_solver_on_a_downsized_problem(tmp_p
     assert report.converged
     trusted = trusted_set(image_dim, text_dim)
 
-    score_store(store, trusted, scope, theta, tmp_path / "scores", config)
+    score_store(store, trusted, scope, theta, tmp_path / "scores", config, theta0=theta0)
     streamed = read_scores(tmp_path / "scores")["influence"]
     dense = build_solver(problem, theta, CurvatureConfig(solver="dense", kind="ggn", damping=config.damping))
     reference = influence_on(problem, theta, dense, gradient_of(validation_loss(scope, trusted), theta)).influence
@@ -109,20 +112,26 @@ def test_streamed_ekfac_ranks_like_the_dense_solver_on_a_downsized_problem(tmp_p
 @pytest.mark.slow  # starts a local Ray instance
 def test_ray_scores_equal_local_scores(tmp_path):
     ray = pytest.importorskip("ray")
-    from ecif.influence.streaming import RayExecutor, connect_ray
+    from ecif.influence.streaming import NotAMinimiser, RayExecutor, connect_ray
 
     store = synthetic_store(tmp_path / "features", [500] * 4)
-    scope, theta = small_heads()
+    scope, theta = small_heads()  # not fine-tuned (cost, not fidelity): scored with allow_unconverged
+    theta0 = theta.clone()
     trusted = trusted_set()
-    config = StreamingConfig(batch_size=50, self_influence=True)
-    score_store(store, trusted, scope, theta, tmp_path / "local", config, LocalExecutor())
+    config = StreamingConfig(batch_size=50, self_influence=True, allow_unconverged=True)
+    local_result = score_store(store, trusted, scope, theta, tmp_path / "local", config, LocalExecutor(), theta0=theta0)
     connect_ray(num_cpus=2, include_dashboard=False)
     try:
-        result = score_store(store, trusted, scope, theta, tmp_path / "ray", config, RayExecutor())
+        with pytest.raises(NotAMinimiser, match="not a minimiser"):  # Ray checks the premise the same way
+            strict = StreamingConfig(batch_size=50, self_influence=True)
+            score_store(store, trusted, scope, theta, tmp_path / "ray", strict, RayExecutor(), theta0=theta0)
+        result = score_store(store, trusted, scope, theta, tmp_path / "ray", config, RayExecutor(), theta0=theta0)
     finally:
         ray.shutdown()
     local, remote = read_scores(tmp_path / "local"), read_scores(tmp_path / "ray")
     assert result.n_pairs == 2000 and set(local) == set(remote)
+    assert result.warnings and not result.stationarity["passed"]
+    assert np.isclose(result.stationarity["gradient_norm"], local_result.stationarity["gradient_norm"], rtol=1e-10)
     for name in local:
         difference = np.abs(local[name] - remote[name]).max() / np.abs(local[name]).max()
         print(f"{name}: max relative difference Ray vs local {difference:.2e}")
@@ -139,7 +148,10 @@ def test_score_features_command(tmp_path, capsys):
     scope, theta = small_heads()
     save_heads(tmp_path / "heads.safetensors", scope, theta, theta.clone())
     arguments = ["score-features", str(tmp_path / "features"), "--trusted", str(tmp_path / "trusted"),
-                 "--heads", str(tmp_path / "heads.safetensors"), "--out", str(tmp_path / "scores"), "--batch-size", "20"]
+                 "--heads", str(tmp_path / "heads.safetensors"), "--out", str(tmp_path / "scores"), "--batch-size", "20",
+                 "--allow-unconverged"]  # random heads: the premise check is tests/test_streaming.py's
     assert main(arguments) == 0
-    assert "scored 400 pairs" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "scored 400 pairs" in captured.out and "heads are NOT a minimiser" in captured.out
+    assert "warning: " in captured.err and "not a minimiser" in captured.err
     assert read_scores(tmp_path / "scores")["influence"].shape == (400,)

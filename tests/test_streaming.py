@@ -1,26 +1,35 @@
-"""Sharded and streamed manifests: parquet shards, img2dataset tar shards, chunked feature extraction.
+"""Sharded and streamed manifests: parquet shards, img2dataset tar shards, chunked feature extraction;
+and streamed scoring's premise check (the heads must minimise the objective that is scored).
 
 Everything is real files in ``tmp_path``: parquet written by pandas, tars by ``tarfile``, images by
-PIL.  The feature tests use the randomly initialised demo architecture (no training).
+PIL.  The feature tests use the randomly initialised demo architecture (no training); the premise
+tests use the toy feature stores of ``test_ray_scoring`` with heads fine-tuned on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from fixtures_data import TINY_COLOURS, write_png
 from test_features import _count_encoded_images
+from test_ray_scoring import in_memory_problem, small_heads, synthetic_store, trusted_set
 from PIL import Image
 
 import ecif.models.features as features_module
 from ecif.data import ManifestError, iter_manifest_chunks, load_manifest, make_thumbnails, open_image
 from ecif.data.images import member_reference
+from ecif.influence.streaming import NotAMinimiser, StreamingConfig, read_scores, score_store, write_feature_store
 from ecif.models import LoadedModel, compute_features, iter_chunk_features, load_model
+from ecif.models.heads import FinetuneConfig, finetune_heads
 from ecif.progress import Reporter
 from ecif.run import MANIFEST_FILE, Run, atomic_write_parquet
 
@@ -273,3 +282,128 @@ def test_chunk_features_resume_after_a_crash_and_match_the_whole_frame(
     np.testing.assert_allclose(np.concatenate([f.image for _, f in again]), whole.image, atol=1e-5)
     np.testing.assert_allclose(np.concatenate([f.text for _, f in again]), whole.text, atol=1e-5)
     assert not any(f.failed for _, f in again) and whole.image.shape == (14, 96)
+
+
+# --------------------------------------------------------- streamed scoring checks its premise
+
+
+@pytest.fixture(scope="module")
+def converged_store(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A 3-shard toy store (160 pairs, P = 132) and heads fine-tuned on exactly its streamed objective."""
+    store = synthetic_store(tmp_path_factory.mktemp("premise") / "features", [60, 60, 40])
+    scope, theta0 = small_heads()
+    config = StreamingConfig(batch_size=20)
+    problem = in_memory_problem(store, scope, theta0, config)  # the streamed per-shard batching
+    theta, report = finetune_heads(problem, config=FinetuneConfig(delta=config.delta, batch_size=config.batch_size))
+    assert report.converged
+    return SimpleNamespace(store=store, scope=scope, theta=theta, theta0=theta0, config=config, problem=problem)
+
+
+def _perturbed(theta: torch.Tensor) -> torch.Tensor:
+    """Heads moved 1e-3 per coordinate away from the minimiser."""
+    return theta + 1e-3 * torch.randn(theta.shape, dtype=theta.dtype, generator=torch.Generator().manual_seed(7))
+
+
+def _stages(reporter_stages: list[str]) -> Reporter:
+    return Reporter(lambda stage, done, total: reporter_stages.append(stage))
+
+
+def test_converged_heads_pass_the_premise_check_and_it_is_recorded(converged_store: SimpleNamespace, tmp_path: Path) -> None:
+    c = converged_store
+    result = score_store(c.store, trusted_set(), c.scope, c.theta, tmp_path / "scores", c.config, theta0=c.theta0)
+    check = result.stationarity
+    print(f"converged heads: ‖∇R(θ̂)‖ = {check['gradient_norm']:.2e}, relative {check['relative_gradient_norm']:.2e}")
+    assert check["passed"] and check["theta0_given"] and not result.warnings and result.shards_scored == 3
+    # within the fine-tune's gradient tolerance (1e-7), far under the check's 1e-4
+    assert check["gradient_norm"] <= 1e-7 and check["relative_gradient_norm"] <= 1e-6
+    # a real contrastive gradient, balanced by the penalty's δ(θ̂ − θ₀)
+    assert check["contrastive_gradient_norm"] > 0.1
+    assert check["penalty_gradient_norm"] == pytest.approx(check["contrastive_gradient_norm"], rel=1e-5)
+    assert check["tolerance"] == 1e-4 and check["n_pairs"] == 160
+    info = json.loads((tmp_path / "scores" / "scores.json").read_text())
+    assert info["complete"] and info["stationarity"] == check and info["warnings"] == []
+
+
+def test_heads_away_from_the_minimiser_are_refused_after_the_first_pass(converged_store: SimpleNamespace, tmp_path: Path) -> None:
+    c = converged_store
+    theta = _perturbed(c.theta)
+    in_memory = float(torch.func.grad(c.problem.objective)(theta).norm())  # ∇R of the whole store at once
+    stages: list[str] = []
+    with pytest.raises(NotAMinimiser) as refused:
+        score_store(c.store, trusted_set(), c.scope, theta, tmp_path / "scores", c.config, reporter=_stages(stages), theta0=c.theta0)
+    check, message = refused.value.check, str(refused.value)
+    print(f"perturbed heads: ‖∇R(θ̂)‖ = {check.gradient_norm:.2e} (in memory {in_memory:.2e}), relative {check.relative_gradient_norm:.2e}")
+    assert check.gradient_norm == pytest.approx(in_memory, rel=1e-9) and check.gradient_norm > 100 * check.tolerance
+    assert message.startswith("the heads are not a minimiser of the objective being scored: gradient norm ")
+    assert f"{check.gradient_norm:.2e}" in message and "ecif finetune" in message and "--allow-unconverged" in message
+    assert "\n" not in message
+    # refused after the first pass, before the eigenvalue pass and any score; the measurement is kept
+    assert set(stages) == {"curvature (EK-FAC factors, gradient)"}
+    out = tmp_path / "scores"
+    assert not list(out.glob("scores-*.npz")) and not (out / "curvature.safetensors").exists()
+    info = json.loads((out / "scores.json").read_text())
+    assert not info["complete"] and info["stationarity"] == check.to_dict()
+
+    # without θ₀ there is nothing to check against (every θ̂ minimises R for some θ₀): refused too
+    with pytest.raises(NotAMinimiser, match="no θ₀"):
+        score_store(c.store, trusted_set(), c.scope, c.theta, tmp_path / "no-theta0", c.config)
+
+
+def test_allow_unconverged_scores_with_the_warning_recorded(converged_store: SimpleNamespace, tmp_path: Path) -> None:
+    c = converged_store
+    theta, out = _perturbed(c.theta), tmp_path / "scores"
+    allowed = dataclasses.replace(c.config, allow_unconverged=True)
+    result = score_store(c.store, trusted_set(), c.scope, theta, out, allowed, theta0=c.theta0)
+    assert result.shards_scored == 3 and read_scores(out)["influence"].shape == (160,)
+    assert not result.stationarity["passed"] and result.stationarity["gradient_norm"] > 1e-2
+    (warning,) = result.warnings
+    assert "allow_unconverged" in warning and "not a minimiser" in warning and "\n" not in warning
+    info = json.loads((out / "scores.json").read_text())
+    assert info["complete"] and info["warnings"] == result.warnings and info["stationarity"] == result.stationarity
+
+    # The flag is not part of the folder's fingerprint: the same folder without it is refused again,
+    # from the stored gradient (no pass over the store), and with it resumes with nothing to do.
+    stages: list[str] = []
+    with pytest.raises(NotAMinimiser):
+        score_store(c.store, trusted_set(), c.scope, theta, out, c.config, reporter=_stages(stages), theta0=c.theta0)
+    assert stages == []
+    again = score_store(c.store, trusted_set(), c.scope, theta, out, allowed, theta0=c.theta0)
+    assert again.shards_scored == 0 and again.seconds["curvature"] == 0.0 and again.warnings == result.warnings
+
+
+def test_score_features_refuses_unconverged_heads_in_one_line(
+    converged_store: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ecif.cli import main
+    from ecif.tasks.engine import save_heads
+
+    c = converged_store
+    trusted = trusted_set()
+    write_feature_store(tmp_path / "trusted", [(trusted.image.numpy(), trusted.text.numpy())])
+    save_heads(tmp_path / "converged.safetensors", c.scope, c.theta, c.theta0)
+    save_heads(tmp_path / "perturbed.safetensors", c.scope, _perturbed(c.theta), c.theta0)
+
+    def arguments(heads: str, out: str, *extra: str) -> list[str]:
+        return ["score-features", str(c.store.directory), "--trusted", str(tmp_path / "trusted"), "--heads",
+                str(tmp_path / f"{heads}.safetensors"), "--out", str(tmp_path / out), "--batch-size", "20", *extra]
+
+    assert main(arguments("perturbed", "refused")) == 1
+    captured = capsys.readouterr()
+    line = captured.err.rsplit("\r", 1)[-1]  # after the progress bars, which \r clears
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    assert line.startswith("error: the heads are not a minimiser of the objective being scored: gradient norm ")
+    assert "--allow-unconverged" in line and "ecif finetune" in line
+    assert main([*arguments("perturbed", "refused"), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["kind"] == "NotAMinimiser"
+
+    assert main([*arguments("perturbed", "allowed", "--allow-unconverged"), "--json"]) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert not payload["stationarity"]["passed"] and payload["stationarity"]["gradient_norm"] > 1e-2
+    (warning,) = payload["warnings"]
+    assert captured.err.rsplit("\r", 1)[-1] == f"warning: {warning}\n"
+
+    assert main(arguments("converged", "converged")) == 0
+    captured = capsys.readouterr()
+    assert "scored 160 pairs" in captured.out and "heads are a minimiser of the scored objective" in captured.out
+    assert "warning" not in captured.err

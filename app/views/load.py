@@ -14,6 +14,7 @@ from ecif.jobs.launch import run_dir_for
 from ecif.models.heads import FinetuneConfig
 from ecif.run import Run
 
+from views.finetune import summary as finetune_summary
 from views.common import Context, open_run, start_job
 
 
@@ -54,9 +55,14 @@ def _own_data_form(ctx: Context) -> None:
                                    key="load_trusted")
     test = splits[1].text_input("Test split (scanned for mispredictions)", "test", key="load_test")
     with st.expander("Influence settings"):
-        delta = st.number_input("Penalty δ towards the starting heads", 0.0, 1e4, finetune.delta,
-                                key="load_delta", help="Too weak a penalty leaves the fine-tuning "
-                                "ill-conditioned; the run reports it.")
+        auto_delta = st.checkbox("Choose the penalty δ on held-out trusted pairs", finetune.auto_delta,
+                                 key="load_delta_auto",
+                                 help="Fine-tunes at δ = " + ", ".join(f"{d:g}" for d in finetune.delta_grid)
+                                 + " and keeps the well-conditioned one with the lowest loss on half the "
+                                 "trusted split; influence is measured on the other half.")
+        delta = st.number_input("Penalty δ towards the starting heads", 1e-4, 1e4, 1.0, format="%g",
+                                key="load_delta", disabled=auto_delta,
+                                help="Too weak a penalty leaves the fine-tuning ill-conditioned; the run reports it.")
         batch = st.number_input("Reference batch size B", 2, 1 << 20, finetune.batch_size, key="load_batch")
         damping = st.number_input("Damping λ", 0.0, 10.0, curvature.damping, format="%.1e",
                                   key="load_damping")
@@ -82,7 +88,7 @@ def _own_data_form(ctx: Context) -> None:
             "manifest": str(Path(manifest).expanduser().resolve()), "model": model or "demo",
             "checkpoint": checkpoint or None, "pretrained": pretrained or None,
             "trusted_split": trusted, "test_split": test,
-            "finetune": {"delta": float(delta), "batch_size": int(batch), "blocks": int(blocks)},
+            "finetune": {"delta": "auto" if auto_delta else float(delta), "batch_size": int(batch), "blocks": int(blocks)},
             "curvature": {"damping": float(damping), "solver": solver, "kind": kind},
         }
         _start(ctx, Path(run_dir) if run_dir else default_dir, settings)
@@ -110,6 +116,7 @@ def render(ctx: Context) -> None:
 
     st.subheader("Open run")
     st.markdown(f"`{ctx.run.directory}` · {'scored' if ctx.run.is_scored else 'not scored yet'}")
+    finetune_summary(ctx.run)
     info = ctx.run.info
     if info:
         with st.expander("run.json"):

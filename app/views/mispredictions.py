@@ -10,6 +10,7 @@ from ecif.run import MISPREDICTIONS_FILE
 from ecif.tasks.trace import parse_confusion
 
 from views.common import ENGINE_SPINNER, Context, act, card_grid, engine_call, read_frame
+from views.finetune import not_converged_notice
 
 RANKINGS = {"total effect (both roles)": "total", "positive role only (own caption)": "positive"}
 
@@ -20,6 +21,7 @@ def render(ctx: Context) -> None:
     if items is None or not ctx.scored:
         st.info("Not available yet: the run has no mispredictions table (its scoring has not reached that stage).")
         return
+    not_converged_notice(ctx.run)
     show_all = st.toggle("Show correct predictions too", key="mp_all")
     shown = (items if show_all else items[~items["correct"].astype(bool)]).sort_values(
         "loss", ascending=False, ignore_index=True)

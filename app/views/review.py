@@ -8,6 +8,7 @@ import streamlit as st
 from ecif.curation.review import actionable_rows, adjacent_row, score_summary
 from ecif.index.neighbours import NeighbourIndex, suggest_caption
 
+from views.finetune import not_converged_notice
 from views.common import (STATUS_ICONS, Context, act, card_grid, first_page, harm_bar,
                           influence_scale, neighbour_index, open_pair, readable, undo)
 
@@ -44,12 +45,13 @@ def render(ctx: Context) -> None:
         status = ctx.manager.status(ctx.run.directory) or {}
         if status.get("state") == "running":
             st.info("Scoring this run in the background: data, features, fine-tuning, curvature, then the "
-                    "scores of every pair. The ranked pairs appear here when it finishes (under a minute "
+                    "scores of every pair. The ranked pairs appear here when it finishes (about a minute "
                     "for the built-in demo); the current stage and its progress are in the sidebar.")
         else:
             st.info("This run has no scores yet. Start scoring from the sidebar, or start a run on the "
                     "Load page.")
         return
+    not_converged_notice(ctx.run)
     top = st.columns([6, 1, 1])
     top[1].button("Undo", key="undo", shortcut="u", on_click=undo, args=(ctx,), width="stretch")
     if top[2].button("Keys (h)", key="help_keys", shortcut="h", width="stretch"):

@@ -17,6 +17,7 @@ import streamlit as st
 from ecif.curation.review import edit_spec
 
 from views.common import ENGINE_SPINNER, Context, engine_call
+from views.finetune import not_converged_notice
 
 CALLS = {  # result slot -> (engine function, column title, button label, help)
     "predicted": ("predict_edit", "predicted (no retraining)", "Predict the effect",
@@ -58,6 +59,7 @@ def render(ctx: Context) -> None:
     if not ctx.scored:
         st.info("Available once the run is scored.")
         return
+    not_converged_notice(ctx.run)
     drop, relabel = edit_spec(ctx.store.current_state())
     st.markdown(f"Current decisions: **{len(drop)}** pairs dropped, **{len(relabel)}** relabelled.")
     buttons = st.columns(len(CALLS))

@@ -7,7 +7,7 @@
 5. cleaning: test metric after removing the top 10% by each method and re-fine-tuning (:func:`cleaning`).
 
 "Retrain" is always ``finetune_heads(reduced_problem(problem, removed), θ̂, config)``: warm start
-from ``θ̂``, remaining pairs renormalised, gradient tolerance ``tolerance`` (as bench/fidelity.py).
+from ``θ̂``, remaining pairs renormalised, gradient tolerance ``tolerance`` (as bench/fidelity_selected.py).
 
 Peak memory: the process's peak resident set (``VmHWM``) is reset before each method by writing
 ``5`` to ``/proc/self/clear_refs`` (Linux ≥ 4.0) and read after it; reported as ``VmHWM − VmRSS``
@@ -182,7 +182,7 @@ def leave_one_out(setting: PeerSetting, results: dict[str, dict], removals: int,
                   log: Callable[[str], None] = print) -> dict:
     """Pearson/Spearman of each influence-type score against the actual Δφ of single-pair removals.
 
-    Sampling as bench/fidelity.py: half uniformly from the 10% most harmful pairs by exact ECIF
+    Sampling as bench/fidelity_selected.py: half uniformly from the 10% most harmful pairs by exact ECIF
     (or by the first available influence method), half uniformly from the rest.
     """
     n = setting.problem.data.n_pairs

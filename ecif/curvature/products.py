@@ -7,6 +7,7 @@ works under ``torch.func.vmap`` (many vectors at once), which is how the dense m
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -240,30 +241,139 @@ def linear_operator(product: Product, size: int, dtype: torch.dtype = torch.floa
     return LinearOperator((size, size), matvec=matvec, dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class EigenvalueEstimate:
+    """The smallest eigenvalue of a symmetric operator as Lanczos leaves it.
+
+    ``value`` is the smallest Ritz value: an upper bound on the smallest eigenvalue (a Rayleigh
+    quotient), and, by Weyl/Kahan, within ``residual = ‖Hy − θy‖`` (unit Ritz vector ``y``) of some
+    eigenvalue.  ``converged``: the residual met the tolerance (or Lanczos found an invariant
+    subspace); otherwise ``max_products`` ran out and ``value`` is the upper bound reached so far.
+    ``products``: the operator products spent.
+    """
+
+    value: float
+    residual: float
+    products: int
+    converged: bool
+
+    def describe(self) -> str:
+        """One sentence for a report, e.g. ``0.028 (Lanczos, converged to residual 3e-04)``."""
+        if self.converged:
+            return f"{self.value:.3g} (Lanczos, converged to residual {self.residual:.0e})"
+        return f"≤ {self.value:.3g} (Lanczos upper bound after {self.products} products; residual {self.residual:.0e})"
+
+
+def smallest_eigenvalue_estimate(
+    product: Product,
+    size: int,
+    dtype: torch.dtype = torch.float64,
+    max_products: int = 800,
+    tolerance: float = 1e-3,
+    memory_bytes: int = 1 << 30,
+) -> EigenvalueEstimate:
+    """Smallest (algebraic) eigenvalue of the symmetric operator ``product`` by Lanczos with full
+    reorthogonalisation, within ``max_products`` products; always a finite answer for a finite operator.
+
+    The low end of a penalised contrastive Hessian is clustered near ``δ``, where Lanczos converges
+    slowly (scipy's ``eigsh`` then found no Ritz value at all on the demo at ``δ = 0.03``); this keeps
+    the smallest Ritz value and its residual, both meaningful at any step.  Every new vector is
+    reorthogonalised against the whole basis (classical Gram–Schmidt, repeated when it removed much),
+    so no spurious copies of converged Ritz values appear.  Converged when the residual is at most
+    ``tolerance · |value|`` (or ``1e-10`` of the spectrum's scale, for an eigenvalue at zero).
+    The basis is kept whole while it fits in ``memory_bytes`` (800 vectors of 6144 parameters: 39 MB);
+    beyond that (huge scopes) it holds at least 40 vectors and restarts thickly, keeping the lower
+    half of the Ritz vectors.  The value is NaN only when a product is not finite.
+
+    Cost beyond the products: about 2 ms a product at 6144 parameters and 800 products (one thread),
+    against 30 ms for a Hessian-vector product over the 2104 demo pairs.
+    """
+    from scipy.linalg import eigh, eigh_tridiagonal
+
+    max_products = max(1, int(max_products))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    capacity = max(min(max_products, 40), min(max_products, memory_bytes // max(1, size * itemsize)))
+    capacity = max(1, min(capacity, size))
+    basis = torch.zeros(capacity + 1, size, dtype=dtype)
+    projected = np.zeros((capacity + 1, capacity + 1))  # Qᵀ H Q of the basis, with the couplings β
+    start = torch.randn(size, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    basis[0] = start / start.norm()
+    restarted = False
+    current = 0  # the basis vector to expand next
+    products = 0
+    scale = 0.0
+    value, residual = float("nan"), float("inf")
+
+    def smallest_ritz(count: int) -> tuple[float, np.ndarray]:
+        if restarted:  # arrowhead, then tridiagonal: dense
+            values, vectors = eigh(projected[:count, :count], subset_by_index=[0, 0])
+        elif count == 1:
+            return float(projected[0, 0]), np.ones(1)
+        else:
+            values, vectors = eigh_tridiagonal(
+                np.diag(projected[:count, :count]).copy(), np.diag(projected[:count, :count], 1).copy(),
+                select="i", select_range=(0, 0),
+            )
+        return float(values[0]), vectors[:, 0]
+
+    while products < max_products:
+        vector = product(basis[current].clone()).detach().reshape(size).to(dtype)
+        products += 1
+        if not bool(torch.isfinite(vector).all()):
+            return EigenvalueEstimate(float("nan"), float("inf"), products, False)
+        with torch.no_grad():
+            # the recurrence: subtract the known couplings (β_{j−1}, or the kept Ritz vectors after a
+            # restart) and the new diagonal entry α_j ...
+            # (elementwise, not matmul: a one-row matmul costs milliseconds on a busy multi-threaded host)
+            for index in np.flatnonzero(projected[:current, current]):
+                vector = vector - float(projected[index, current]) * basis[index]
+            alpha = float((basis[current] * vector).sum())
+            vector = vector - alpha * basis[current]
+            # ... then reorthogonalise against the whole basis (two matrix-vector products over it),
+            # a second time only when the first removed much (Daniel–Gragg–Kaufman–Stewart): rare
+            active = basis[: current + 1]
+            for _ in range(2):
+                before = float(vector.norm())
+                coefficients = active @ vector
+                vector = vector - coefficients @ active
+                alpha += float(coefficients[current])
+                coupling = float(vector.norm())
+                if coupling > 0.7071 * before:
+                    break
+        projected[current, current] = alpha
+        scale = max(scale, abs(alpha) + coupling)
+        value, ritz = smallest_ritz(current + 1)
+        residual = coupling * abs(float(ritz[-1]))
+        exhausted = coupling <= 1e-12 * scale or current + 1 >= size
+        if exhausted or residual <= max(tolerance * abs(value), 1e-10 * scale):
+            return EigenvalueEstimate(value, residual, products, True)
+        if products >= max_products:
+            break
+        basis[current + 1] = vector / coupling
+        projected[current, current + 1] = projected[current + 1, current] = coupling
+        current += 1
+        if current == capacity:  # thick restart: the lower Ritz vectors and the newest direction
+            values, vectors = eigh(projected[:capacity, :capacity])
+            keep = max(1, capacity // 2)
+            couplings = coupling * vectors[-1, :keep]
+            with torch.no_grad():
+                kept = torch.as_tensor(vectors[:, :keep].T.copy(), dtype=dtype) @ basis[:capacity]
+                basis[keep] = basis[capacity]
+                basis[:keep] = kept
+            projected[:] = 0.0
+            projected[np.arange(keep), np.arange(keep)] = values[:keep]
+            projected[keep, :keep] = projected[:keep, keep] = couplings
+            current, restarted = keep, True
+    return EigenvalueEstimate(value, residual, products, False)
+
+
 def smallest_eigenvalue(
     product: Product, size: int, dtype: torch.dtype = torch.float64, max_products: int = 800
 ) -> float:
-    """Smallest (algebraic) eigenvalue of a symmetric operator by Lanczos (``scipy eigsh``).
+    """Smallest (algebraic) eigenvalue of a symmetric operator by Lanczos, within ``max_products`` products.
 
-    The cost is bounded by ``max_products`` operator products: the low end of a penalised
-    contrastive Hessian is clustered near ``δ``, where Lanczos converges slowly, and a report needs
-    the sign and rough size, not ten digits.  Without convergence the smallest Ritz value is returned.
+    The value of :func:`smallest_eigenvalue_estimate`: converged, or else the smallest Ritz value so
+    far, an upper bound (a negative value still proves the operator indefinite).  Never NaN for a
+    finite operator.
     """
-    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
-
-    operator = linear_operator(product, size, dtype)
-    if size <= 64:
-        dense = np.stack([operator.matvec(column) for column in np.eye(size)], axis=1)
-        return float(np.linalg.eigvalsh(0.5 * (dense + dense.T))[0])
-    subspace = min(size - 1, 40)
-    start = np.random.default_rng(0).standard_normal(size)
-    try:
-        values = eigsh(
-            operator, k=1, which="SA", tol=1e-3, ncv=subspace, maxiter=max(1, max_products // subspace),
-            v0=start, return_eigenvectors=False,
-        )
-    except ArpackNoConvergence as partial:
-        values = partial.eigenvalues
-        if not len(values):
-            return float("nan")
-    return float(np.min(values))
+    return smallest_eigenvalue_estimate(product, size, dtype, max_products).value

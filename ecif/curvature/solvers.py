@@ -32,7 +32,14 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from ecif.curvature.products import CurvatureKind, curvature_product, dense_curvature, linear_operator, smallest_eigenvalue
+from ecif.curvature.products import (
+    CurvatureKind,
+    EigenvalueEstimate,
+    curvature_product,
+    dense_curvature,
+    linear_operator,
+    smallest_eigenvalue_estimate,
+)
 from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, embed
 from ecif.progress import Reporter, as_reporter
 
@@ -44,7 +51,7 @@ class CurvatureConfig:
     """How to invert the curvature.
 
     ``damping`` (λ) is added on top of ``δ``; at a well-conditioned minimum the Hessian is already
-    positive definite and a small λ only guards round-off (bench/fidelity measures the effect).
+    positive definite and a small λ only guards round-off (bench/fidelity_selected.py measures the effect).
     ``solver="auto"`` takes ``"ekfac-cg"`` for the heads scope (exact influence at any size, in a
     second on the demo where the dense reference takes 30 s to assemble; ``"dense"`` on request) and,
     for the blocks scope, the dense reference up to ``dense_max_params`` parameters and
@@ -636,11 +643,12 @@ def build_solver(
     raise ValueError(f"unknown solver {name!r}; expected one of auto, dense, cg, ekfac, ekfac-cg, lowrank-cg")
 
 
-def lanczos_smallest_eigenvalue(
+def lanczos_smallest_eigenvalue_estimate(
     problem: HeadsProblem, theta: Tensor, kind: CurvatureKind = "hessian", max_products: int = 800
-) -> float:
-    """Smallest eigenvalue of the undamped curvature by Lanczos (for the fine-tuning report)."""
-    return smallest_eigenvalue(curvature_product(problem, theta, kind), theta.numel(), theta.dtype, max_products)
+) -> EigenvalueEstimate:
+    """Smallest eigenvalue of the undamped curvature with its Lanczos residual and whether it converged
+    (an upper bound when ``max_products`` ran out; see :func:`ecif.curvature.products.smallest_eigenvalue_estimate`)."""
+    return smallest_eigenvalue_estimate(curvature_product(problem, theta, kind), theta.numel(), theta.dtype, max_products)
 
 
 def save_solver(solver: CurvatureSolver, path: Path, fingerprint: str) -> bool:

@@ -134,7 +134,8 @@ class ContrastiveData:
     """Cached backbone features of a set of pairs, with their fixed reference batching.
 
     ``normaliser`` is the ``N`` of ``(1/N) Σ``; it stays the original ``N`` when pairs are removed
-    for an influence estimate (ECIF_METHOD §2 ignores the ``1/N → 1/(N−1)`` renormalisation) and is
+    for an influence estimate (the scores leave out the ``1/N → 1/(N−1)`` renormalisation: a
+    first-order term, but one constant shift of every single-pair score) and is
     set to the remaining count when the reduced problem is actually retrained.
 
     Batches are evaluated together as a padded ``[M, B]`` index (padding masked out), a chunk of

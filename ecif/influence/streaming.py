@@ -2,8 +2,10 @@
 
 The heads ``θ̂`` are **given**: this module scores, it does not fine-tune.  ECIF's scores mean
 something only at a minimiser of ``R`` (ECIF_METHOD §1), so ``θ̂`` should come from
-:func:`ecif.models.heads.finetune_heads` (or a run's ``heads.safetensors``); benchmarks that pass
-other heads measure cost, not fidelity.
+:func:`ecif.models.heads.finetune_heads` on this store's objective, per-shard batching included (a
+run's ``heads.safetensors`` minimises its run's own batching: the same only for a one-shard store of
+the run's rows).  This is checked (below); benchmarks that pass other heads measure cost, not
+fidelity, and say so with ``allow_unconverged``.
 
 Layout and maths:
 
@@ -18,6 +20,13 @@ Layout and maths:
   pairs: each shard's are computed independently (:func:`shard_statistics`), summed in shard order
   on the driver (:func:`ecif.curvature.solvers.sum_statistics`), then the eigenbases; a second pass
   does the same for the corrected eigenvalues.  Memory ``O(d² + e² + d·e)`` for the statistics.
+- The premise is checked on the way: the first statistics pass also sums each shard's gradient of
+  ``Σ(a_i + b_i)``, so ``∇R(θ̂) = (1/N)Σ_shards ∇Σ(a+b) + δ(θ̂ − θ₀)`` costs no extra pass over the
+  store (:func:`check_stationarity`).  Heads whose ``‖∇R(θ̂)‖`` exceeds
+  :attr:`StreamingConfig.gradient_tolerance` are refused (:class:`NotAMinimiser`) unless
+  :attr:`StreamingConfig.allow_unconverged`; either way the measurement goes into ``scores.json``.
+  ``θ₀`` (the penalty centre, stored in ``heads.safetensors`` next to ``θ̂``) is needed for this and
+  for nothing else: the curvature of the penalty is ``δI`` wherever it is centred.
 - ``s = H⁻¹∇φ`` once, with ``φ`` the contrastive loss of a small trusted set held in memory; then per
   shard ``influence = (1/N)∇(Pos_n + Neg_n)ᵀ s`` by :func:`ecif.influence.scores.influence_along`
   (one forward-mode pass), with its positive and negative parts, and optionally self-influence.
@@ -26,7 +35,8 @@ Sign convention (as everywhere): ``influence`` is the predicted change of ``φ``
 removed; **negative = harmful**, positive = valuable.
 
 Every shard's scores go to ``OUT/scores-00000.npz`` as soon as they exist, so an interrupted call
-resumes; the solver is stored as ``OUT/curvature.safetensors``.  Work is mapped over shards by an
+resumes; the solver is stored as ``OUT/curvature.safetensors`` and the contrastive gradient at ``θ̂``
+as ``OUT/gradient.npz`` (a resumed call checks the premise again without a pass).  Work is mapped over shards by an
 :class:`Executor`: :class:`LocalExecutor` (this process) or :class:`RayExecutor` (Ray tasks, local or
 on a cluster; ``pip install 'ecif[ray]'``).  Both call the same functions and reduce in the same
 order, so they give the same scores up to floating-point round-off of different thread counts.
@@ -37,10 +47,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,7 +69,7 @@ from ecif.curvature.solvers import (
     save_solver,
     sum_statistics,
 )
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
+from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, contrastive_sum, reference_batches
 from ecif.influence.scores import gradient_of, influence_along, self_influence
 from ecif.influence.test_functions import validation_loss
 from ecif.progress import Reporter, as_reporter
@@ -67,6 +78,12 @@ from ecif.run import atomic_write_bytes, atomic_write_json, read_json
 STORE_FILE = "store.json"
 SCORES_INFO_FILE = "scores.json"
 SOLVER_FILE = "curvature.safetensors"
+#: ``(1/N)∇Σ(a+b)`` at ``θ̂`` and ``(1/N)Σ(a+b)``, kept so that a resumed call checks the premise again
+#: (with its own ``θ₀`` and tolerance) without another pass over the store.
+GRADIENT_FILE = "gradient.npz"
+#: keys under which the first statistics pass carries each shard's contrastive sum and its gradient.
+GRADIENT_KEY = "objective.contrastive_sum_gradient"
+LOSS_KEY = "objective.contrastive_sum"
 SCORE_COLUMNS = ("influence", "influence_pos", "influence_neg", "influence_first_order", "influence_neg_first_order")
 #: the self-influence columns written when asked for, and the form of ``Neg_n`` each uses.
 SELF_INFLUENCE_COLUMNS = {"self_influence": "exact", "self_influence_first_order": "first_order"}
@@ -196,6 +213,26 @@ class StreamingConfig:
     ``damping`` (λ) enter the EK-FAC exactly.  ``self_influence``: also ``∇g_nᵀH⁻¹∇g_n`` per pair,
     in both forms of :data:`SELF_INFLUENCE_COLUMNS` (a Jacobian ``[B, P]`` per batch and form, ``B``
     backward passes: far costlier than ``influence``, which is one forward-mode pass).
+
+    ``gradient_tolerance``: the largest ``‖∇R(θ̂)‖`` (absolute, Euclidean over all ``P`` parameters)
+    accepted as "θ̂ is a minimiser of the ``R`` being scored".  Default ``1e-4``: fine-tuning stops
+    at ``1e-7`` and calls itself converged below ``1e-5``
+    (:class:`ecif.models.heads.FinetuneConfig`), so converged heads pass with room for heads stored
+    in float32 and for the store's summation order, while heads fine-tuned on anything else fail by
+    orders of magnitude.  Measured on the 400-pair, ``P = 132`` problem of the tests (δ = 1,
+    batches of 25 in 3 shards): converged heads ``3e-14``, the same rounded to float32 ``3e-7``,
+    moved by ``1e-3`` per coordinate ``1.6e-2``, the starting heads ``θ̂ = θ₀`` ``2.9``, and heads
+    converged on the same pairs but one whole-set batching instead of the per-shard one ``0.29``
+    (the reference batching is part of ``R``).  Near a positive-definite minimum a gradient ``g``
+    leaves ``θ̂`` about ``‖H⁻¹g‖ ≲ ‖g‖/δ`` from the minimiser, which changes every pair's ``Δθ_n``
+    by a relative ``O(‖g‖/δ)`` (so the tolerance need not shrink with ``N``): with ``δ = 1``,
+    ``1e-4`` is far below what the EK-FAC approximation changes.  The relative value
+    ``‖∇R‖ / ‖(1/N)∇Σ(a+b)‖`` is recorded next to it but not used to decide: when the minimiser lies
+    close to ``θ₀`` (a strong penalty, or starting heads that already fit the pairs) its denominator
+    ``= δ‖θ̂ − θ₀‖`` is itself small.
+    ``allow_unconverged``: score anyway when the check fails (or when no ``θ₀`` was given to check
+    with), with the measurement and a warning in the result, instead of raising :class:`NotAMinimiser`.
+    Neither setting changes a score, so neither is part of an output folder's fingerprint.
     """
 
     batch_size: int = 64
@@ -203,6 +240,12 @@ class StreamingConfig:
     delta: float = 1.0
     damping: float = 1e-4
     self_influence: bool = False
+    gradient_tolerance: float = 1e-4
+    allow_unconverged: bool = False
+
+
+#: settings that decide whether to score, not what the scores are (left out of the fingerprint).
+_CHECK_SETTINGS = ("gradient_tolerance", "allow_unconverged")
 
 
 def shard_data(store: FeatureStore, shard: int, config: StreamingConfig) -> ContrastiveData:
@@ -219,9 +262,29 @@ def shard_statistics(
     theta: Tensor,
     config: StreamingConfig,
     bases: dict[str, tuple[Tensor, Tensor]] | None = None,
+    with_gradient: bool = False,
 ) -> FactorStatistics:
-    """EK-FAC statistics (sums over the shard's pairs) of one shard; see :func:`kronecker_statistics`."""
-    return kronecker_statistics(scope, theta, shard_data(store, shard, config), bases)
+    """EK-FAC statistics (sums over the shard's pairs) of one shard; see :func:`kronecker_statistics`.
+
+    ``with_gradient``: also the shard's ``Σ(a+b)`` (:data:`LOSS_KEY`) and its gradient at ``theta``
+    (:data:`GRADIENT_KEY`, ``[P]``), unnormalised sums like the statistics, so the same reduction
+    adds them up (the premise check, :func:`check_stationarity`).
+    """
+    data = shard_data(store, shard, config)
+    statistics = kronecker_statistics(scope, theta, data, bases)
+    if with_gradient:
+        statistics.update(_contrastive_sums(scope, theta, data))
+    return statistics
+
+
+def shard_gradient(shard: int, store: FeatureStore, scope: HeadsScope, theta: Tensor, config: StreamingConfig) -> FactorStatistics:
+    """Only the :data:`LOSS_KEY` and :data:`GRADIENT_KEY` of :func:`shard_statistics` (no curvature)."""
+    return _contrastive_sums(scope, theta, shard_data(store, shard, config))
+
+
+def _contrastive_sums(scope: HeadsScope, theta: Tensor, data: ContrastiveData) -> FactorStatistics:
+    gradient, value = torch.func.grad_and_value(lambda t: contrastive_sum(scope, t, data))(theta)
+    return {GRADIENT_KEY: gradient.detach(), LOSS_KEY: value.detach()}
 
 
 def score_shard(
@@ -235,7 +298,8 @@ def score_shard(
 ) -> dict[str, np.ndarray]:
     """``{column: [n_k]}`` for one shard: :data:`SCORE_COLUMNS` along ``direction = H⁻¹∇φ [P]``,
     plus :data:`SELF_INFLUENCE_COLUMNS` when ``solver`` is given (units of ``φ``; negative influence = harmful)."""
-    # θ₀ only enters the value and gradient of R, which scoring at a given θ̂ never evaluates.
+    # θ₀ only enters the value and gradient of R, which scoring never evaluates (the premise check
+    # adds δ(θ̂ − θ₀) to the summed contrastive gradient on the driver: check_stationarity).
     problem = HeadsProblem(scope, shard_data(store, shard, config), theta, config.delta)
     influence = influence_along(problem, theta, direction)
     columns = {name: getattr(influence, name) for name in SCORE_COLUMNS}
@@ -320,13 +384,152 @@ class RayExecutor:
 
 @dataclass
 class StreamingResult:
-    """Where the scores went and what it took (seconds per stage; 0 for stages resumed from disk)."""
+    """Where the scores went and what it took (seconds per stage; 0 for stages resumed from disk).
+
+    ``stationarity``: :meth:`StationarityCheck.to_dict` of the heads (is ``θ̂`` a minimiser of the
+    scored ``R``?); ``warnings``: what the caller should print (non-empty only when scoring went
+    ahead with ``allow_unconverged``).
+    """
 
     out_dir: Path
     n_pairs: int
     solver: dict
     seconds: dict[str, float]
     shards_scored: int
+    stationarity: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class NotAMinimiser(ValueError):
+    """The given heads are not a minimiser of the objective being scored (``‖∇R(θ̂)‖`` above the
+    tolerance), or no ``θ₀`` was given to check that they are; ``check`` holds the measurement."""
+
+    def __init__(self, check: StationarityCheck):
+        super().__init__(check.message())
+        self.check = check
+
+
+@dataclass
+class StationarityCheck:
+    """Whether ``θ̂`` is a minimiser of ``R(θ) = (1/N)Σ(a_i+b_i) + (δ/2)‖θ − θ₀‖²`` over the store.
+
+    ``gradient_norm = ‖∇R(θ̂)‖``; ``contrastive_gradient_norm = ‖(1/N)∇Σ(a+b)‖`` and
+    ``penalty_gradient_norm = δ‖θ̂ − θ₀‖`` (equal at a minimiser, where the two cancel);
+    ``relative_gradient_norm`` is the first over the second (``1`` when ``θ̂ = θ₀``, ``inf`` when
+    the contrastive gradient vanishes but ``∇R`` does not).  Without ``θ₀`` only the contrastive
+    parts are known (``theta0_given`` false, the norms of ``∇R`` NaN) and the check fails: every
+    ``θ̂`` is the minimiser of ``R`` for ``θ₀ = θ̂ + (1/δ)(1/N)∇Σ(a+b)``, so without the actual
+    ``θ₀`` there is nothing to check.
+    """
+
+    gradient_norm: float
+    relative_gradient_norm: float
+    contrastive_gradient_norm: float
+    penalty_gradient_norm: float
+    contrastive_loss: float
+    tolerance: float
+    n_pairs: int
+    delta: float
+    batch_size: int
+    theta0_given: bool
+    passed: bool
+
+    def to_dict(self) -> dict:
+        """The fields, with NaN and infinite values as None (so that ``scores.json`` is standard JSON)."""
+        return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                for key, value in asdict(self).items()}
+
+    def message(self, allowed: bool = False) -> str:
+        """One line: why the heads are refused, or (``allowed``) the warning when they are scored anyway."""
+        objective = f"N = {self.n_pairs}, δ = {self.delta:g}, reference batches of {self.batch_size} within each shard"
+        if not self.theta0_given:
+            problem = ("cannot check that the heads are a minimiser of the objective being scored: no θ₀ (the "
+                       "starting heads of the δ penalty, stored in heads.safetensors) was given (contrastive gradient "
+                       f"norm {self.contrastive_gradient_norm:.2e}; {objective})")
+            fix = "pass theta0"
+        else:
+            problem = (f"the heads are not a minimiser of the objective being scored: gradient norm ‖∇R(θ̂)‖ = "
+                       f"{self.gradient_norm:.2e} > tolerance {self.tolerance:.0e} (relative to the contrastive "
+                       f"gradient {self.relative_gradient_norm:.2e}; {objective})")
+            fix = ("fine-tune the heads to convergence on exactly this objective (these pairs, δ and per-shard "
+                   "reference batches: ecif.models.heads.finetune_heads; `ecif finetune` converges on its run's own "
+                   "batching, the same only for a one-shard store of the run's rows)")
+        if allowed:
+            return f"{problem}; scored anyway (allow_unconverged): influence estimates assume a minimiser and may be unreliable; {fix}"
+        return f"{problem}; {fix} or pass --allow-unconverged (StreamingConfig.allow_unconverged) to score anyway"
+
+
+def check_stationarity(
+    contrastive_gradient: Tensor,
+    contrastive_loss: float,
+    theta: Tensor,
+    theta0: Tensor | None,
+    n_pairs: int,
+    config: StreamingConfig,
+) -> StationarityCheck:
+    """:class:`StationarityCheck` from ``(1/N)∇Σ(a+b) [P]`` at ``theta`` (θ̂) over the whole store."""
+    contrastive_norm = float(contrastive_gradient.norm())
+    if theta0 is None:
+        gradient_norm = relative = penalty_norm = float("nan")
+    else:
+        if theta0.shape != theta.shape:
+            raise ValueError(f"θ₀ has shape {tuple(theta0.shape)} but θ̂ has {tuple(theta.shape)}")
+        penalty = config.delta * (theta - theta0.to(theta.dtype))
+        gradient_norm = float((contrastive_gradient + penalty).norm())
+        penalty_norm = float(penalty.norm())
+        relative = gradient_norm / contrastive_norm if contrastive_norm > 0 else (0.0 if gradient_norm == 0 else float("inf"))
+    return StationarityCheck(
+        gradient_norm=gradient_norm,
+        relative_gradient_norm=relative,
+        contrastive_gradient_norm=contrastive_norm,
+        penalty_gradient_norm=penalty_norm,
+        contrastive_loss=float(contrastive_loss),
+        tolerance=float(config.gradient_tolerance),
+        n_pairs=int(n_pairs),
+        delta=float(config.delta),
+        batch_size=int(config.batch_size),
+        theta0_given=theta0 is not None,
+        passed=theta0 is not None and gradient_norm <= config.gradient_tolerance,
+    )
+
+
+def _split_gradient(total: FactorStatistics, n_pairs: int) -> tuple[FactorStatistics, Tensor, float]:
+    """``(curvature statistics, (1/N)∇Σ(a+b), (1/N)Σ(a+b))`` of summed first-pass statistics."""
+    total = dict(total)
+    gradient = total.pop(GRADIENT_KEY) / n_pairs
+    loss = float(total.pop(LOSS_KEY)) / n_pairs
+    return total, gradient, loss
+
+
+def streaming_first_pass(
+    store: FeatureStore,
+    scope: HeadsScope,
+    theta: Tensor,
+    config: StreamingConfig,
+    executor: Executor,
+    reporter: Reporter | None = None,
+) -> tuple[FactorStatistics, Tensor, float]:
+    """The first EK-FAC pass, which also sums the objective's gradient: ``(statistics, (1/N)∇Σ(a+b) [P],
+    (1/N)Σ(a+b))``, every sum in shard order."""
+    reporter = as_reporter(reporter)
+    parts = executor.map(shard_statistics, range(store.n_shards), store, scope, theta, config, None, True)
+    total = sum_statistics(reporter.iterate(parts, "curvature (EK-FAC factors, gradient)", store.n_shards))
+    return _split_gradient(total, store.n_pairs)
+
+
+def streaming_gradient(
+    store: FeatureStore,
+    scope: HeadsScope,
+    theta: Tensor,
+    config: StreamingConfig,
+    executor: Executor,
+    reporter: Reporter | None = None,
+) -> tuple[Tensor, float]:
+    """``((1/N)∇Σ(a+b) [P], (1/N)Σ(a+b))`` alone, for a folder whose solver is stored but not its gradient."""
+    reporter = as_reporter(reporter)
+    parts = executor.map(shard_gradient, range(store.n_shards), store, scope, theta, config)
+    _, gradient, loss = _split_gradient(sum_statistics(reporter.iterate(parts, "gradient", store.n_shards)), store.n_pairs)
+    return gradient, loss
 
 
 def streaming_kronecker_solver(
@@ -336,12 +539,18 @@ def streaming_kronecker_solver(
     config: StreamingConfig,
     executor: Executor,
     reporter: Reporter | None = None,
+    first_pass: FactorStatistics | None = None,
 ) -> KroneckerSolver:
-    """EK-FAC of the whole store from per-shard statistics summed in shard order (two passes)."""
+    """EK-FAC of the whole store from per-shard statistics summed in shard order (two passes).
+
+    ``first_pass``: the summed first-pass statistics when already at hand (:func:`streaming_first_pass`).
+    """
     reporter = as_reporter(reporter)
     shards = range(store.n_shards)
-    first = executor.map(shard_statistics, shards, store, scope, theta, config)
-    bases = kronecker_bases(sum_statistics(reporter.iterate(first, "curvature (EK-FAC factors)", store.n_shards)))
+    if first_pass is None:
+        first = executor.map(shard_statistics, shards, store, scope, theta, config)
+        first_pass = sum_statistics(reporter.iterate(first, "curvature (EK-FAC factors)", store.n_shards))
+    bases = kronecker_bases(first_pass)
     second = executor.map(shard_statistics, shards, store, scope, theta, config, bases)
     eigenvalues = sum_statistics(reporter.iterate(second, "curvature (EK-FAC eigenvalues)", store.n_shards))
     return KroneckerSolver.from_statistics(scope, bases, eigenvalues, store.n_pairs, config.delta, config.damping)
@@ -352,7 +561,8 @@ def _fingerprint(store: FeatureStore, trusted: ContrastiveData, scope: HeadsScop
     digest.update(store.fingerprint().encode())
     # The columns are part of what a folder holds: one scored by a version with other columns is refused.
     columns = [*SCORE_COLUMNS, *(SELF_INFLUENCE_COLUMNS if config.self_influence else ())]
-    digest.update(json.dumps([asdict(scope), asdict(config), columns], sort_keys=True).encode())
+    settings = {key: value for key, value in asdict(config).items() if key not in _CHECK_SETTINGS}
+    digest.update(json.dumps([asdict(scope), settings, columns], sort_keys=True).encode())
     for tensor in (theta, trusted.image, trusted.text, *trusted.batches):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -367,13 +577,19 @@ def score_store(
     config: StreamingConfig | None = None,
     executor: Executor | None = None,
     reporter: Reporter | None = None,
+    theta0: Tensor | None = None,
 ) -> StreamingResult:
     """Score every pair of ``store`` against the trusted set's contrastive loss, shard by shard.
 
-    ``theta [P]`` are the given (fine-tuned) heads; ``trusted`` is held in memory (its own batching).
-    Writes ``OUT/scores-00000.npz ...`` (:data:`SCORE_COLUMNS`, and :data:`SELF_INFLUENCE_COLUMNS` if asked) and
-    resumes from whatever a previous call with the same inputs left; refuses a folder scored with
-    other inputs.  Read the result with :func:`read_scores`.
+    ``theta [P]`` are the given (fine-tuned) heads and ``theta0 [P]`` the ``θ₀`` they were fine-tuned
+    towards (both in ``heads.safetensors``); ``trusted`` is held in memory (its own batching).
+    The first curvature pass also measures ``‖∇R(θ̂)‖`` (:func:`check_stationarity`); heads that are
+    not a minimiser, or no ``theta0`` to check them with, raise :class:`NotAMinimiser` after that
+    pass unless ``config.allow_unconverged``.  Writes ``OUT/scores-00000.npz ...``
+    (:data:`SCORE_COLUMNS`, and :data:`SELF_INFLUENCE_COLUMNS` if asked) and ``scores.json`` (with the
+    check under ``stationarity`` and any ``warnings``), resumes from whatever a previous call with
+    the same inputs left, and refuses a folder scored with other inputs.  Read the result with
+    :func:`read_scores`.
     """
     config = config or StreamingConfig()
     executor = executor or LocalExecutor()
@@ -393,10 +609,25 @@ def score_store(
 
     started = time.perf_counter()
     solver = load_solver(out_dir / SOLVER_FILE, fingerprint)
+    stored = _read_gradient(out_dir, fingerprint)
+    first_pass = None
     if solver is None:
-        solver = streaming_kronecker_solver(store, scope, theta, config, executor, reporter)
+        first_pass, gradient, loss = streaming_first_pass(store, scope, theta, config, executor, reporter)
+        _write_gradient(out_dir, fingerprint, gradient, loss)
+    elif stored is None:  # a folder from before the check: its gradient alone, one cheap pass
+        gradient, loss = streaming_gradient(store, scope, theta, config, executor, reporter)
+        _write_gradient(out_dir, fingerprint, gradient, loss)
+    else:
+        gradient, loss = stored
+    check = check_stationarity(gradient, loss, theta, theta0, store.n_pairs, config)
+    warnings = [] if check.passed else [check.message(allowed=True)]
+    atomic_write_json(out_dir / SCORES_INFO_FILE, {"fingerprint": fingerprint, "complete": False, "stationarity": check.to_dict()})
+    if not check.passed and not config.allow_unconverged:
+        raise NotAMinimiser(check)
+    if solver is None:
+        solver = streaming_kronecker_solver(store, scope, theta, config, executor, reporter, first_pass)
         save_solver(solver, out_dir / SOLVER_FILE, fingerprint)
-        seconds["curvature"] = time.perf_counter() - started
+    seconds["curvature"] = time.perf_counter() - started if first_pass is not None or stored is None else 0.0
 
     started = time.perf_counter()
     direction = solver.solve(gradient_of(validation_loss(scope, trusted), theta))
@@ -415,13 +646,31 @@ def score_store(
     atomic_write_json(
         out_dir / SCORES_INFO_FILE,
         {"fingerprint": fingerprint, "complete": True, "n_pairs": store.n_pairs, "shards": store.n_shards,
-         "settings": asdict(config), "solver": solver.describe(), "store": str(store.directory)},
+         "settings": asdict(config), "solver": solver.describe(), "store": str(store.directory),
+         "stationarity": check.to_dict(), "warnings": warnings},
     )
-    return StreamingResult(out_dir, store.n_pairs, solver.describe(), seconds, len(todo))
+    return StreamingResult(out_dir, store.n_pairs, solver.describe(), seconds, len(todo), check.to_dict(), warnings)
 
 
 def _scores_path(out_dir: Path, shard: int) -> Path:
     return out_dir / f"scores-{shard:05d}.npz"
+
+
+def _write_gradient(out_dir: Path, fingerprint: str, gradient: Tensor, loss: float) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, fingerprint=np.array(fingerprint), gradient=gradient.numpy(), loss=np.array(loss))
+    atomic_write_bytes(out_dir / GRADIENT_FILE, buffer.getvalue())
+
+
+def _read_gradient(out_dir: Path, fingerprint: str) -> tuple[Tensor, float] | None:
+    """The stored ``((1/N)∇Σ(a+b), (1/N)Σ(a+b))`` of these inputs, or None."""
+    try:
+        with np.load(out_dir / GRADIENT_FILE, allow_pickle=False) as stored:
+            if str(stored["fingerprint"]) != fingerprint:
+                return None
+            return torch.from_numpy(stored["gradient"].copy()), float(stored["loss"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def read_scores(out_dir: str | Path) -> dict[str, np.ndarray]:

@@ -162,12 +162,15 @@ def verify_by_refit(run: Run | str, drop_rows=(), relabel: dict[int, str] | None
 
 
 def predict_items(
-    run: Run | str, uids, drop_rows=(), relabel: dict[int, str] | None = None, refit: bool = False
+    run: Run | str, uids, drop_rows=(), relabel: dict[int, str] | None = None, refit: bool = False, newton_steps: int = 0
 ) -> pd.DataFrame:
     """Test items' answers (zero-shot class, or retrieved caption for an item without one) before and after dropping/relabelling pairs.
 
-    After: the closed form ``θ̂ + Δθ`` (group estimate, as :func:`predict_edit`; about a second), or
-    with ``refit=True`` the heads actually re-fine-tuned on the edited data (as :func:`verify_by_refit`).
+    After: the closed form ``θ̂ + Δθ`` (group estimate, as :func:`predict_edit`; about a second); with
+    ``newton_steps`` > 0 that many Newton steps on the edited objective instead (as ``ecif edit``; a
+    second or two each), which matters at weak penalties: dropping a confusion's 50 culprits on the
+    demo at δ = 0.03, the closed form is 38% short of the actual change and 3 steps 7%; or with
+    ``refit=True`` the heads actually re-fine-tuned on the edited data (as :func:`verify_by_refit`).
     One row per item (sorted by manifest row): ``uid``, ``label``, and for ``before``/``after``:
     ``predicted_*``, ``prob_true_*``, ``loss_*`` (nats), ``correct_*``; ``fixed`` (wrong before,
     right after) and ``broken`` (right before, wrong after).
@@ -177,6 +180,8 @@ def predict_items(
     drop, new_text = _edit_inputs(engine, drop_rows, relabel)
     if refit:
         after, _ = finetune_heads(reduced_problem(engine.problem, drop, new_text), engine.theta, engine.finetune)
+    elif newton_steps > 0:
+        after = newton_edit(engine.problem, engine.theta, engine.solver, drop, new_text, steps=newton_steps)
     else:
         after = engine.theta + predicted_step(engine.problem, engine.theta, engine.solver, drop, new_text)
     table = pd.DataFrame({"uid": engine.manifest["uid"].iloc[list(items.rows)].astype(str).to_numpy()})

@@ -22,7 +22,7 @@ from torch import Tensor
 from ecif.curvature.solvers import CurvatureConfig, CurvatureSolver, build_solver, load_solver, save_solver
 from ecif.influence.objective import ContrastiveData, HeadsProblem, Scope, scope_from_dict
 from ecif.influence.test_functions import ZeroShotPrompts, validation_loss
-from ecif.models.heads import FinetuneConfig
+from ecif.models.heads import FinetuneConfig, split_trusted_rows
 from ecif.paths import text_sha256
 from ecif.run import FEATURES_FILE, HEADS_FILE, Run
 from ecif.tasks.pipeline import RunConfig
@@ -31,9 +31,11 @@ PROMPTS_FILE = "prompts.npz"
 CURVATURE_FILE = "curvature.safetensors"
 
 
-def save_heads(path: Path, scope: Scope, theta: Tensor, theta0: Tensor) -> None:
-    """``θ̂`` and ``θ₀`` with the scope (kind and shape) in the safetensors metadata."""
+def save_heads(path: Path, scope: Scope, theta: Tensor, theta0: Tensor, delta: float | None = None) -> None:
+    """``θ̂`` and ``θ₀`` with the scope (kind and shape) and the penalty ``δ`` in the safetensors metadata."""
     metadata = {"scope": json.dumps(scope.to_dict(), sort_keys=True)}
+    if delta is not None:
+        metadata["delta"] = repr(float(delta))
     temporary = path.with_name(f".{path.name}.tmp")
     save_file({"theta": theta.contiguous(), "theta0": theta0.contiguous()}, str(temporary), metadata=metadata)
     temporary.replace(path)
@@ -49,6 +51,15 @@ def load_heads(path: Path) -> tuple[Scope, Tensor, Tensor]:
     # Files written before the blocks scope existed carry the heads' shape as separate entries.
     settings = json.loads(metadata["scope"]) if "scope" in metadata else metadata
     return scope_from_dict(settings), tensors["theta"], tensors["theta0"]
+
+
+def heads_delta(path: Path) -> float | None:
+    """The penalty ``δ`` the heads in ``path`` were fine-tuned with (``None`` for files that predate it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        value = (handle.metadata() or {}).get("delta")
+    return float(value) if value is not None else None
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> np.ndarray:
@@ -72,6 +83,8 @@ class Engine:
     prompts: ZeroShotPrompts | None
     finetune: FinetuneConfig
     curvature: CurvatureConfig
+    delta: float
+    """The penalty ``δ`` of ``R`` at ``θ̂`` (the chosen one when the settings say ``"auto"``)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
     """Results that depend only on this engine's θ̂ and data (trace-back's per-item influence, step norms)."""
@@ -84,7 +97,7 @@ class Engine:
         data = ContrastiveData.from_arrays(
             self.image[self.train_rows], self.text[self.train_rows], self.finetune.batch_size, self.finetune.batch_seed
         )
-        return HeadsProblem(self.scope, data, self.theta0, self.finetune.delta)
+        return HeadsProblem(self.scope, data, self.theta0, self.delta)
 
     @cached_property
     def trusted_data(self) -> ContrastiveData:
@@ -134,6 +147,15 @@ class Engine:
         return torch.as_tensor(self.image[rows], dtype=torch.float64)
 
 
+def _run_delta(run: Run, heads_path: Path, finetune: FinetuneConfig) -> float:
+    recorded = heads_delta(heads_path)
+    if recorded is None:
+        recorded = run.info.get("stages", {}).get("fine-tune", {}).get("delta")
+    if recorded is None and finetune.auto_delta:
+        raise ValueError(f"{run.directory}: the settings say delta='auto' but the heads do not record the δ chosen; re-run the fine-tuning")
+    return float(finetune.delta if recorded is None else recorded)
+
+
 _ENGINES: dict[tuple[str, float], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -167,10 +189,12 @@ def load_engine(run: Run | str | Path) -> Engine:
         image=image,
         text=text,
         train_rows=split_rows(manifest, "train"),
-        trusted_rows=split_rows(manifest, config.trusted_split),
+        # With δ chosen on part of the trusted split, influence is measured on the other part only.
+        trusted_rows=split_trusted_rows(split_rows(manifest, config.trusted_split), config.finetune)[1],
         prompts=prompts,
         finetune=config.finetune,
         curvature=config.curvature,
+        delta=_run_delta(run, heads_path, config.finetune),
     )
     with _ENGINES_LOCK:
         _ENGINES.clear()  # one run at a time per process: the dense solver can be large

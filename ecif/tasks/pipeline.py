@@ -293,7 +293,7 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
 
     def finetune_stage() -> dict:
         from ecif.influence.objective import ContrastiveData, HeadsProblem
-        from ecif.models.heads import finetune_heads, initial_scope
+        from ecif.models.heads import finetune_heads, initial_scope, select_delta, split_trusted_rows
         from ecif.tasks.engine import save_heads, split_rows
 
         name, checkpoint = _model_location(config, run)
@@ -301,14 +301,29 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         scope, theta0 = initial_scope(model, config.finetune.blocks, config.finetune.learn_logit_scale)
         with np.load(run.path(FEATURES_FILE)) as stored:
             image, text = stored["image"], stored["text"]
-        rows = split_rows(run.manifest(), "train")
-        data = ContrastiveData.from_arrays(image[rows], text[rows], config.finetune.batch_size, config.finetune.batch_seed)
-        theta, report = finetune_heads(HeadsProblem(scope, data, theta0, config.finetune.delta), config=config.finetune, reporter=reporter)
-        save_heads(run.path(HEADS_FILE), scope, theta, theta0)
+        manifest = run.manifest()
+        rows = split_rows(manifest, "train")
+        finetune = config.finetune
+        data = ContrastiveData.from_arrays(image[rows], text[rows], finetune.batch_size, finetune.batch_seed)
+        summary = {}
+        if finetune.auto_delta:
+            selection_rows, measured_rows = split_trusted_rows(split_rows(manifest, config.trusted_split), finetune)
+            if len(selection_rows) < 2 or len(measured_rows) < 2:
+                raise ValueError(
+                    f"the trusted split {config.trusted_split!r} has too few pairs to hold some out for choosing δ; "
+                    "give a number with --delta (e.g. --delta 1)"
+                )
+            selection = ContrastiveData.from_arrays(image[selection_rows], text[selection_rows], finetune.batch_size, finetune.batch_seed)
+            chosen = select_delta(scope, theta0, data, selection, finetune, reporter)
+            theta, report = chosen.theta, chosen.report
+            summary["delta_selection"] = chosen.summary()
+        else:
+            theta, report = finetune_heads(HeadsProblem(scope, data, theta0, finetune.delta), config=finetune, reporter=reporter)
+        save_heads(run.path(HEADS_FILE), scope, theta, theta0, report.delta)
         atomic_write_json(run.path(FINETUNE_FILE), report.to_dict())
         for warning in report.warnings:
             reporter.report(f"fine-tune warning: {warning}", 1, 1)
-        return {"gradient_norm": report.gradient_norm, "converged": report.converged}
+        return {"delta": report.delta, "gradient_norm": report.gradient_norm, "converged": report.converged, **summary}
 
     def curvature_stage() -> dict:
         from ecif.tasks.engine import load_engine
@@ -322,7 +337,23 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
         write_embeddings(run)
         scores = score_training_pairs(run, reporter=reporter)
         atomic_write_parquet(run.path(SCORES_FILE), scores)
-        return {"pairs": int(len(scores)), "columns": [c for c in INFLUENCE_COLUMNS if c in scores.columns]}
+        # What the scores leave out (ECIF_METHOD §2): retraining on N−1 pairs renormalises 1/N to
+        # 1/(N−1), a first-order change that shifts every single-pair prediction of the trusted loss
+        # by this one constant (rankings unchanged).  One solve with the engine the scoring just used.
+        from ecif.influence.scores import gradient_of, renormalisation_step
+        from ecif.tasks.engine import load_engine
+
+        engine = load_engine(run)
+        shift = float(
+            gradient_of(engine.trusted_loss(), engine.theta) @ renormalisation_step(engine.problem, engine.theta, engine.solver, 1)
+        )
+        median = float(np.median(np.abs(scores["influence"].to_numpy(dtype=float)))) if len(scores) else 0.0
+        return {
+            "pairs": int(len(scores)),
+            "columns": [c for c in INFLUENCE_COLUMNS if c in scores.columns],
+            "renormalisation_shift": shift,
+            "renormalisation_shift_relative_to_median": shift / median if median > 0 else None,
+        }
 
     def mispredictions_stage() -> dict:
         from ecif.tasks.trace import predictions_table
