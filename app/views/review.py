@@ -45,7 +45,7 @@ def render(ctx: Context) -> None:
         status = ctx.manager.status(ctx.run.directory) or {}
         if status.get("state") == "running":
             st.info("Scoring this run in the background: data, features, fine-tuning, curvature, then the "
-                    "scores of every pair. The ranked pairs appear here when it finishes (about a minute "
+                    "scores of every pair. The ranked pairs appear here when it finishes (about a minute and a half "
                     "for the built-in demo); the current stage and its progress are in the sidebar.")
         else:
             st.info("This run has no scores yet. Start scoring from the sidebar, or start a run on the "
