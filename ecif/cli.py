@@ -226,12 +226,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _delta_sweep_lines(selection: dict) -> list[str]:
+    from ecif.models.heads import sweep_verdict
+
     lines = [f"    {'δ':>6}  {'held-out loss':>13}  {'gradient norm':>13}  {'min eigenvalue':>14}  verdict"]
     for point in selection["sweep"]:
+        verdict = sweep_verdict(point, selection["delta"])
         if "skipped" in point:
-            lines.append(f"    {point['delta']:>6g}  {'':>13}  {'':>13}  {'':>14}  not tried: {point['skipped']}")
+            lines.append(f"    {point['delta']:>6g}  {'':>13}  {'':>13}  {'':>14}  {verdict}")
             continue
-        verdict = "chosen" if point["delta"] == selection["delta"] else ("eligible" if point["converged"] else "not a well-conditioned minimum")
         lines.append(
             f"    {point['delta']:>6g}  {point['selection_loss']:>13.4f}  {point['gradient_norm']:>13.2e}  "
             f"{point['smallest_hessian_eigenvalue']:>14.4g}  {verdict}"
@@ -355,13 +357,9 @@ def _open_run(path: str):
 
 def _name_unconverged(run) -> None:
     """Say on stderr, before any score, that the run's heads are not a well-conditioned minimiser."""
-    report = run.finetune_report()
-    if report is not None and not report.get("converged", True):
-        print(
-            "WARNING: the fine-tuned heads are not a well-conditioned minimum, so every influence score of this "
-            "run is unreliable: " + " ".join(report.get("warnings", [])),
-            file=sys.stderr,
-        )
+    warning = run.unconverged_warning()
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:

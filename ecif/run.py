@@ -134,5 +134,14 @@ class Run:
         selection = self.info.get("stages", {}).get("fine-tune", {}).get("delta_selection")
         return {**report, "delta_selection": selection}
 
+    def unconverged_warning(self) -> str | None:
+        """One sentence to show before any score when the fine-tuned heads are not a well-conditioned
+        minimiser (every score is then unreliable), or ``None``."""
+        report = self.finetune_report()
+        if report is None or report.get("converged", True):
+            return None
+        return ("the fine-tuned heads are not a well-conditioned minimum, so every influence score of this run is "
+                "unreliable: " + " ".join(report.get("warnings", [])))
+
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r})"

@@ -11,11 +11,9 @@ from ecif.run import Run
 
 def not_converged_notice(run: Run) -> None:
     """An error box above any score when the fine-tuning report says the heads are not a minimiser."""
-    report = run.finetune_report()
-    if report is None or report.get("converged", True):
-        return
-    st.error("The fine-tuned heads are not a well-conditioned minimum, so these influence scores are "
-             "unreliable: " + " ".join(report.get("warnings", [])))
+    warning = run.unconverged_warning()
+    if warning:
+        st.error(warning[0].upper() + warning[1:])
 
 
 def summary(run: Run) -> None:
@@ -23,6 +21,7 @@ def summary(run: Run) -> None:
     report = run.finetune_report()
     if report is None:
         return
+    from ecif.models.heads import sweep_verdict  # imports torch: only once a run has been fine-tuned
     selection = report.get("delta_selection")
     how = (f"chosen on {selection['selection_pairs']} held-out trusted pairs (influence is measured on the rest)"
            if selection else "as set")
@@ -33,15 +32,12 @@ def summary(run: Run) -> None:
     if selection:
         rows = []
         for point in selection["sweep"]:
-            tried = "skipped" not in point
             rows.append({
                 "δ": point["delta"],
                 "held-out loss": point.get("selection_loss"),
                 "gradient norm": point.get("gradient_norm"),
                 "smallest eigenvalue": point.get("smallest_hessian_eigenvalue"),
-                "verdict": ("chosen" if point["delta"] == selection["delta"] else
-                            "eligible" if tried and point["converged"] else
-                            "not a well-conditioned minimum" if tried else f"not tried: {point['skipped']}"),
+                "verdict": sweep_verdict(point, selection["delta"]),
             })
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
                      column_config={"gradient norm": st.column_config.NumberColumn(format="%.1e")})

@@ -408,6 +408,15 @@ def select_delta(
     return DeltaSelection(delta, theta, report, sweep, selection.n_pairs)
 
 
+def sweep_verdict(point: dict, chosen: float) -> str:
+    """What became of one grid point of a δ sweep (a ``delta_selection["sweep"]`` entry), in words."""
+    if "skipped" in point:
+        return f"not tried: {point['skipped']}"
+    if point["delta"] == chosen:
+        return "chosen"
+    return "eligible" if point["converged"] else "not a well-conditioned minimum"
+
+
 def split_trusted_rows(rows: np.ndarray, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
     """``(selection, measurement)`` rows of the trusted split (both sorted).
 
