@@ -42,21 +42,21 @@ test-slow: $(BENCH_STAMP) chromium
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python bench/fidelity.py
-	$(BIN)/python bench/fidelity_selected.py
-	$(BIN)/python bench/detect.py --digits
-	$(BIN)/python bench/detect.py --pretrained-pool
-	$(BIN)/python bench/detect_disagreements.py
-	$(BIN)/python bench/edit.py
-	$(BIN)/python bench/trace.py
-	$(BIN)/python bench/trace.py --pretrained-pool
-	$(BIN)/python bench/trace.py --corruption systematic-class
-	$(BIN)/python bench/trace.py --pretrained-pool --corruption systematic-class
-	$(BIN)/python bench/trace_retrieval.py
-	$(BIN)/python bench/scoring_time.py
-	$(BIN)/python bench/solvers.py
-	$(BIN)/python bench/blocks.py
-	$(BIN)/python bench/blocks_vit.py
+	$(BIN)/python -m bench.fidelity
+	$(BIN)/python -m bench.fidelity_selected
+	$(BIN)/python -m bench.detect --digits
+	$(BIN)/python -m bench.detect --pretrained-pool
+	$(BIN)/python -m bench.detect_disagreements
+	$(BIN)/python -m bench.edit
+	$(BIN)/python -m bench.trace
+	$(BIN)/python -m bench.trace --pretrained-pool
+	$(BIN)/python -m bench.trace --corruption systematic-class
+	$(BIN)/python -m bench.trace --pretrained-pool --corruption systematic-class
+	$(BIN)/python -m bench.trace_retrieval
+	$(BIN)/python -m bench.scoring_time
+	$(BIN)/python -m bench.solvers
+	$(BIN)/python -m bench.blocks
+	$(BIN)/python -m bench.blocks_vit
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.scale.extraction

@@ -12,14 +12,32 @@ import sys
 from pathlib import Path
 
 import streamlit as st
+from streamlit import config as st_config
 
 # Streamlit puts this folder on sys.path for `streamlit run`; AppTest and other runners may not.
 # (Installed from the wheel, this folder is site-packages/ecif_app: `views` is found the same way.)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from views import common, export, load, mispredictions, plots, review, whatif  # noqa: E402
+from views import (actions, context, export, filters, job_panel, load,  # noqa: E402
+                   mispredictions, plots, review, whatif)
 
 from ecif.jobs.launch import run_dir_for  # noqa: E402
+
+TOOLBAR_OPTION = "client.toolbarMode"
+
+
+def hide_developer_toolbar() -> None:
+    """Hide Streamlit's developer toolbar (Deploy, Rerun, Clear cache): this is a local tool.
+
+    ``ecif app`` passes ``--client.toolbarMode viewer`` (:func:`ecif.jobs.launch.app_command`); this
+    covers a plain ``streamlit run app/main.py``.  The option is server-wide and is sent to the
+    browser when a script run starts, so the run that first sets it reruns once to apply it.  A
+    mode chosen explicitly (flag, config file, environment) is left alone.
+    """
+    if st_config.is_manually_set(TOOLBAR_OPTION):
+        return
+    st.set_option(TOOLBAR_OPTION, "viewer")
+    st.rerun()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,11 +48,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main() -> None:
-    common.hide_developer_toolbar()
+    hide_developer_toolbar()
     st.set_page_config(page_title="ecif · curate CLIP data", page_icon="🧹", layout="wide")
     args = parse_args(sys.argv[1:])
     launch_run = (args.run or run_dir_for(args.manifest)).expanduser().resolve()
-    ctx = common.build_context(launch_run, args.manifest)
+    ctx = context.build_context(launch_run, args.manifest)
     ctx.pages = {
         "load": st.Page(lambda: load.render(ctx), title="Load", icon="📂", url_path="load"),
         "review": st.Page(lambda: review.render(ctx), title="Review", icon="🔎", url_path="review",
@@ -47,11 +65,11 @@ def main() -> None:
     }
     page = st.navigation(list(ctx.pages.values()))
     st.sidebar.caption(f"Run: `{ctx.run.directory}`")
-    common.progress_panel(ctx)
+    job_panel.progress_panel(ctx)
     if ctx.scored:
         # Rendered on every page so the filters (and the view they define) persist across pages.
-        common.sidebar_filters(ctx)
-    common.flash()
+        filters.sidebar_filters(ctx)
+    actions.flash()
     page.run()
 
 

@@ -15,30 +15,27 @@ parameters) and ``blocks=1`` (156k parameters), and reports for each scope:
 
 Retrains are cached in the run folders, so an interrupted run resumes.
 
-    .venv/bin/python bench/blocks.py                 # 300 training pairs, 20 removals
-    .venv/bin/python bench/blocks.py --quick         # 150 training pairs, 8 removals
+    .venv/bin/python -m bench.blocks                 # 300 training pairs, 20 removals
+    .venv/bin/python -m bench.blocks --quick         # 150 training pairs, 8 removals
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-from common import correlations, slope_through  # noqa: E402
-from fidelity_selected import PREDICTORS  # noqa: E402
+from bench import common
+from bench.common import correlations, slope_through
+from bench.fidelity_selected import PREDICTORS
 
 DETECTION = ("influence", "self_influence_first_order", "clip_score")
 IDENTITY = (("influence_identity", "exact ECIF with H := δ·I"),)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__, __spec__.name)
     parser.add_argument("--quick", action="store_true", help="150 training pairs and 8 removals")
     parser.add_argument("--train", type=int, default=None, help="training pairs in the slice (default 300)")
     parser.add_argument("--loo", type=int, default=None, help="single-pair removals per scope (default 20)")
@@ -62,7 +59,8 @@ def slice_manifest(demo_run: Path, folder: Path, train: int) -> Path:
 
 def scope_run(manifest: Path, checkpoint: Path, folder: Path, blocks: int, delta: str):
     import ecif
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.config import RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     finetune = ecif.FinetuneConfig(blocks=blocks, delta=delta)
     config = RunConfig(run_dir=folder, manifest=manifest, model="ecif-demo", checkpoint=checkpoint, finetune=finetune)
@@ -75,7 +73,8 @@ def leave_one_out(run, args) -> dict:
     import numpy as np
 
     from ecif.influence.scores import gradient_of, influence_along, influence_on, reduced_problem
-    from ecif.models.heads import FinetuneConfig, finetune_heads
+    from ecif.config import FinetuneConfig
+    from ecif.finetune import finetune_heads
     from ecif.tasks.engine import load_engine
 
     engine = load_engine(run)
@@ -168,7 +167,7 @@ def render(args, machine, results: dict) -> str:
         "",
         f"Shapes demo slice: {args.train} training pairs (10% random captions), the demo CLIP trained on the full noisy "
         f"manifest; `blocks=0` (heads) and `blocks=1` (last block of each tower, final norms, heads). "
-        "Command: `.venv/bin/python bench/blocks.py" + (" --quick" if args.quick else "")
+        "Command: `.venv/bin/python -m bench.blocks" + (" --quick" if args.quick else "")
         + ("" if args.delta == "auto" else f" --delta {args.delta}") + "`. "
         + ("δ chosen on held-out trusted pairs per scope (the library's default)." if args.delta == "auto" else f"δ fixed at {args.delta}."),
         "",
@@ -212,9 +211,8 @@ def render(args, machine, results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.set_threads(args.threads)
-    work = args.work or common.default_work_dir()
-    machine = common.machine_info()
+    machine = common.start(args)
+    work = common.work_dir(args)
     from ecif.tasks.detect import detection_report
 
     demo = common.scored_demo_run(work)

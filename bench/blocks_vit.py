@@ -6,30 +6,24 @@ numbers say nothing about CLIP itself), ``--pairs`` shapes pairs, ``ecif.run_pip
 tests/test_open_clip_real.py) and the ``lowrank-cg`` solver at rank ``--rank``; then trace-back of
 one test item.  Prints the seconds of every stage, the fine-tuning report and the trace.
 
-    .venv/bin/python bench/blocks_vit.py              # 36 pairs, rank 16: about 12 minutes on 2 cores
+    .venv/bin/python -m bench.blocks_vit              # 36 pairs, rank 16: about 12 minutes on 2 cores
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from bench import common
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__, __spec__.name)
     parser.add_argument("--pairs", type=int, default=36)
     parser.add_argument("--rank", type=int, default=16, help="eigenpairs of the low-rank solver (the library default is 64)")
     common.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    common.set_threads(args.threads)
-    machine = common.machine_info()
+    machine = common.start(args)
 
     import open_clip
     import torch
@@ -38,7 +32,7 @@ def main(argv=None) -> dict:
     from ecif.data import make_demo_data
     from ecif.models import save_checkpoint
 
-    folder = (args.work or common.default_work_dir()) / f"blocks-vit-b-32-pairs{args.pairs}-seed{args.seed}"
+    folder = common.work_dir(args) / f"blocks-vit-b-32-pairs{args.pairs}-seed{args.seed}"
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / "vit-b-32.safetensors"
     if not checkpoint.exists():
@@ -71,7 +65,7 @@ def main(argv=None) -> dict:
         "",
         f"{args.pairs} shapes pairs ({int((run.manifest()['split'] == 'train').sum())} training), `blocks=1`: "
         f"{curvature['parameters']:,} parameters; δ = 10; `lowrank-cg` at rank {args.rank}. "
-        "Command: `.venv/bin/python bench/blocks_vit.py`.",
+        "Command: `.venv/bin/python -m bench.blocks_vit`.",
         "",
         common.markdown_table(["stage", "seconds"], [[name, seconds] for name, seconds in stages.items()] + [["trace-back of one item", trace_seconds]]),
         "",

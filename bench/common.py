@@ -1,18 +1,19 @@
-"""Helpers shared by the benchmark scripts: machine description, scored demo runs, progress,
+"""The set-up shared by the benchmarks (``python -m bench.NAME``): their common arguments, torch's
+threads, the work and results folders, machine description, scored demo runs, progress,
 correlations, the on-disk cache of retrains, markdown tables and result files.
 
-Every script writes ``bench/results/NAME.json`` (machine, settings, raw numbers, tables) and
+Every benchmark writes ``bench/results/NAME.json`` (machine, settings, raw numbers, tables) and
 ``bench/results/NAME.md`` (the same tables as markdown), and prints the markdown.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,17 +22,44 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO = BENCH_DIR.parent
-if str(REPO) not in sys.path:  # running `python bench/NAME.py` from a checkout without an install
-    sys.path.insert(0, str(REPO))
 
 
-def add_common_arguments(parser, seed: bool = True) -> None:
-    """``--seed``, ``--threads``, ``--work`` and ``--results``, the same in every script."""
+def argument_parser(doc: str, module: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``python -m MODULE`` in its usage (``module``: the ``__spec__.name`` of its
+    module), the first paragraph of its docstring ``doc`` as its description."""
+    return argparse.ArgumentParser(prog=f"python -m {module.removesuffix('.__main__')}", description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_common_arguments(parser, seed: bool = True, threads: int | None = 2, name: str | None = None) -> None:
+    """``--seed``, ``--threads`` (default ``threads``; None: no such argument), ``--work``, ``--results``
+    and, given its default, ``--name`` (the result file stem), the same in every benchmark."""
     if seed:
         parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help=f"torch intra-op threads (default {threads})")
     parser.add_argument("--work", type=Path, default=None, help="folder of the (resumable) runs; default $ECIF_CACHE/bench")
     parser.add_argument("--results", type=Path, default=None, help="where NAME.json/.md go; default bench/results")
+    if name is not None:
+        parser.add_argument("--name", default=name, help="result file stem")
+
+
+def add_batch_size_argument(parser) -> None:
+    """``--batch-size``: the fine-tuning's reference batch size, for the scripts that build demo runs with it."""
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="reference batch size of the fine-tuning (own run folder, suffix -bN); default: the library default, "
+        "or whatever an existing run folder was made with",
+    )
+
+
+def demo_settings(text: str) -> list[tuple[str, float, str]]:
+    """``DATA:NOISE:CORRUPTION,...`` (e.g. ``shapes:0.1:random-caption``) as ``(data, noise, corruption)`` triples."""
+    out = []
+    for item in text.split(","):
+        name, noise, corruption = item.strip().split(":")
+        out.append((name, float(noise), corruption))
+    return out
 
 
 def set_threads(threads: int) -> None:
@@ -41,11 +69,33 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+def start(args) -> dict[str, Any]:
+    """What a benchmark's ``main`` does first: torch's threads set to ``--threads``, then this machine
+    described (:func:`machine_info`, which records that thread count)."""
+    set_threads(args.threads)
+    return machine_info()
+
+
 def default_work_dir() -> Path:
     """Where benchmark runs live (resumable): ``$ECIF_CACHE/bench`` or ``~/.cache/ecif/bench``."""
     from ecif.paths import cache_dir
 
     return cache_dir() / "bench"
+
+
+def work_dir(args) -> Path:
+    """The folder of a benchmark's runs: ``--work``, else :func:`default_work_dir`."""
+    return Path(args.work or default_work_dir())
+
+
+def results_folder(results: Path | None = None) -> Path:
+    """Where result files go: ``--results``, else bench/results."""
+    return Path(results or RESULTS_DIR)
+
+
+def recorded_settings(args, as_text: bool = False) -> dict[str, Any]:
+    """The command line as NAME.json records it: paths as text (with ``as_text``, every value)."""
+    return {key: str(value) if as_text or isinstance(value, Path) else value for key, value in vars(args).items()}
 
 
 def machine_info() -> dict[str, Any]:
@@ -157,7 +207,8 @@ def scored_demo_run(
     """
     import ecif
     from ecif.run import Run
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.config import RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     run_dir = demo_run_dir(work, name, n, noise, corruption, seed, batch_size)
     if checkpoint is not None:
@@ -290,7 +341,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, results_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``NAME.json`` and ``NAME.md`` atomically into ``results_dir`` (default bench/results)."""
-    directory = Path(results_dir or RESULTS_DIR)
+    directory = results_folder(results_dir)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
     for path, text in ((json_path, json.dumps(_jsonable(payload), indent=2)), (md_path, markdown.rstrip() + "\n")):
@@ -303,6 +354,11 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, results_dir
 def publish(name: str, payload: dict[str, Any], markdown: str, results_dir: Path | None = None) -> None:
     """Write the results (:func:`write_results`) and print the tables with where they went."""
     write_results(name, payload, markdown, results_dir)
+    announce(name, markdown, results_dir)
+
+
+def announce(name: str, markdown: str, results_dir: Path | None = None) -> None:
+    """Print the tables and where :func:`write_results` wrote them."""
     print()
     print(markdown)
     print(f"\nwrote {results_dir or 'bench/results'}/{name}.json and .md")

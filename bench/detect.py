@@ -1,4 +1,4 @@
-"""Misalignment detection on the demo data with planted ground truth (ECIF_METHOD §8).
+"""Misalignment detection on the demo data with planted ground truth (docs/method.md §8).
 
 For each setting (data set × noise rate × corruption kind) this script builds or reuses a scored demo
 run — the demo CLIP is trained on the noisy manifest (cached per manifest), the heads are fine-tuned
@@ -8,31 +8,32 @@ and precision@50/100 of every score against the planted ``corrupted`` flags: exa
 own loss.  Each setting lives in its own run folder under ``--work`` and resumes where it stopped
 (the demo model resumes per epoch); results are written after every finished setting.
 
-    .venv/bin/python bench/detect.py             # shapes, 10% and 30%, all three corruptions, n=3000
-    .venv/bin/python bench/detect.py --digits    # ... and the same on digits
-    .venv/bin/python bench/detect.py --quick     # shapes 10% random-caption only, n=1500
-    .venv/bin/python bench/detect.py --settings shapes:0.3:class-flip --n 1500
+    .venv/bin/python -m bench.detect             # shapes, 10% and 30%, all three corruptions, n=3000
+    .venv/bin/python -m bench.detect --digits    # ... and the same on digits
+    .venv/bin/python -m bench.detect --quick     # shapes 10% random-caption only, n=1500
+    .venv/bin/python -m bench.detect --settings shapes:0.3:class-flip --n 1500
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
+    add_batch_size_argument,
     add_common_arguments,
-    default_work_dir,
+    announce,
+    argument_parser,
+    demo_settings,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
     pretraining_pool_checkpoint,
+    recorded_settings,
     scored_demo_run,
-    set_threads,
+    start,
+    work_dir,
     write_results,
 )
 
@@ -44,7 +45,7 @@ SUMMARY_COLUMNS = ("influence", "self_influence_first_order", "clip_score")
 LABELS = {
     "influence": "ECIF (exact)",
     "influence_first_order": "ECIF (first order)",
-    "influence_pos_only": "positive-only IF",
+    "influence_pos": "positive-only IF",
     "self_influence": "ECIF self-influence (exact)",
     "self_influence_first_order": "ECIF self-influence (first order)",
     "clip_score": "CLIP-score",
@@ -53,18 +54,14 @@ LABELS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--quick", action="store_true", help="shapes 10%% random-caption only, n=1500")
     parser.add_argument("--n", type=int, default=None, help="demo size (all splits); default 3000, --quick 1500")
     parser.add_argument("--digits", action="store_true", help="also run every setting on the digits demo")
     parser.add_argument(
         "--settings", default=None, help="comma-separated DATA:NOISE:CORRUPTION (e.g. shapes:0.1:random-caption); overrides the grid"
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=None,
-        help="reference batch size of the fine-tuning (own run folder, suffix -bN); default: the library default, "
-        "or whatever an existing run folder was made with",
-    )
+    add_batch_size_argument(parser)
     parser.add_argument(
         "--checkpoint", type=Path, default=None,
         help="score with this trained ecif-demo checkpoint instead of training one per manifest (own run folder)",
@@ -74,8 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="score with a demo CLIP trained on a separate clean demo set (the paper's protocol: pretrained model, "
         "noisy fine-tuning data) instead of one trained on each noisy manifest; results go to NAME-pretrained",
     )
-    add_common_arguments(parser)
-    parser.add_argument("--name", default="detect", help="result file stem")
+    add_common_arguments(parser, name="detect")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = 1500 if args.quick else 3000
@@ -84,12 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_of(args) -> list[tuple[str, float, str]]:
     if args.settings:
-        out = []
-        for item in args.settings.split(","):
-            name, noise, corruption = item.strip().split(":")
+        out = demo_settings(args.settings)
+        for _, _, corruption in out:
             if corruption not in CORRUPTIONS:
                 raise SystemExit(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
-            out.append((name, float(noise), corruption))
         return out
     if args.quick:
         return [("shapes", 0.1, "random-caption")]
@@ -209,9 +203,8 @@ def render(args, machine, results: list[dict], pending: list[tuple[str, float, s
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
-    machine = machine_info()
-    work = args.work or default_work_dir()
+    machine = start(args)
+    work = work_dir(args)
     settings = settings_of(args)
     if args.pretrained_pool:
         args.name = f"{args.name}-pretrained"
@@ -230,7 +223,7 @@ def main(argv=None) -> dict:
         pending = [s for s in settings if s not in done]
         markdown = render(args, machine, results, pending)
         payload = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "settings": recorded_settings(args),
             "machine": machine,
             "results": results,
             "failures": failures,
@@ -238,9 +231,7 @@ def main(argv=None) -> dict:
             "markdown": markdown,
         }
         write_results(args.name, payload, markdown, args.results)
-    print()
-    print(markdown)
-    print(f"\nwrote {args.results or 'bench/results'}/{args.name}.json and .md")
+    announce(args.name, markdown, args.results)
     return payload
 
 

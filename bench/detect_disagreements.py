@@ -8,38 +8,35 @@ alone and re-fine-tunes the heads, and prints the predicted against the actual c
 trusted loss.  If the actual changes have the predicted signs, the "misses" in the detection table
 are pairs whose removal really does not help the trusted loss: not errors of the estimate.
 
-    .venv/bin/python bench/detect_disagreements.py                               # shapes, 10% random captions
-    .venv/bin/python bench/detect_disagreements.py --corruption attribute-swap
+    .venv/bin/python -m bench.detect_disagreements                               # shapes, 10% random captions
+    .venv/bin/python -m bench.detect_disagreements --corruption attribute-swap
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     RetrainCache,
     add_common_arguments,
+    argument_parser,
     correlations,
-    default_work_dir,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
     publish,
+    recorded_settings,
     scored_demo_run,
-    set_threads,
+    start,
+    work_dir,
 )
-from fidelity_selected import retrain  # noqa: E402
+from bench.fidelity_selected import retrain
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--name", default="shapes", choices=["shapes", "digits"])
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=0.1)
@@ -52,14 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    machine = start(args)
     import torch
 
     from ecif.tasks.engine import load_engine
 
-    machine = machine_info()
     started = time.perf_counter()
-    run = scored_demo_run(args.work or default_work_dir(), args.name, args.n, round(args.noise, 4), args.corruption, args.seed)
+    run = scored_demo_run(work_dir(args), args.name, args.n, round(args.noise, 4), args.corruption, args.seed)
     engine = load_engine(run)
     scores = run.scores()
     planted = scores["corrupted"].astype(bool)
@@ -105,7 +101,7 @@ def main(argv=None) -> dict:
         "",
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])
-    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "records": records,
+    payload = {"settings": recorded_settings(args, as_text=True), "machine": machine, "records": records,
                "table": rows, "markdown": markdown}
     suffix = "" if (args.name, args.noise, args.corruption) == ("shapes", 0.1, "random-caption") else f"-{args.name}-{args.noise:g}-{args.corruption}"
     publish("detect-disagreements" + suffix, payload, markdown, args.results)

@@ -1,4 +1,4 @@
-"""Cleaning without retraining: the closed-form edit against actually re-fine-tuning (ECIF_METHOD §4, §8).
+"""Cleaning without retraining: the closed-form edit against actually re-fine-tuning (docs/method.md §4, §8).
 
 For each demo setting, the most harmful ``--fraction`` of the training pairs (by ``influence``, exact
 ECIF on the trusted split) are dropped, and the heads after dropping them are obtained four ways:
@@ -11,29 +11,27 @@ ECIF on the trusted split) are dropped, and the heads after dropping them are ob
 Each row prints zero-shot accuracy on the test split, the trusted loss, how far its heads are from the
 re-fine-tuned ones, and its run time.  Runs are shared with bench/detect (same folders under ``--work``).
 
-    .venv/bin/python bench/edit.py                      # shapes n=3000: 10% random-caption, class-flip; 30% random-caption
-    .venv/bin/python bench/edit.py --settings shapes:0.1:random-caption --fraction 0.05
+    .venv/bin/python -m bench.edit                      # shapes n=3000: 10% random-caption, class-flip; 30% random-caption
+    .venv/bin/python -m bench.edit --settings shapes:0.1:random-caption --fraction 0.05
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     add_common_arguments,
-    default_work_dir,
+    argument_parser,
+    demo_settings,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
     publish,
     scored_demo_run,
-    set_threads,
+    start,
+    work_dir,
 )
 
 DEFAULT_SETTINGS = "shapes:0.1:random-caption,shapes:0.1:class-flip,shapes:0.3:random-caption"
@@ -41,13 +39,12 @@ TARGET_POINTS = 0.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated DATA:NOISE:CORRUPTION")
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--fraction", type=float, default=0.1, help="share of training pairs dropped (most harmful first)")
     parser.add_argument("--newton-steps", type=int, default=2)
-    add_common_arguments(parser)
-    parser.add_argument("--name", default="edit", help="result file stem")
+    add_common_arguments(parser, name="edit")
     return parser.parse_args(argv)
 
 
@@ -150,15 +147,13 @@ def render(machine: dict, results: list[dict], args) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
-    work = Path(args.work or default_work_dir())
-    machine = machine_info()
+    machine = start(args)
+    work = work_dir(args)
     results = []
-    for item in args.settings.split(","):
-        name, noise, corruption = item.strip().split(":")
+    for name, noise, corruption in demo_settings(args.settings):
         started = time.perf_counter()
-        log(f"{name} {noise} {corruption}: scoring (or reusing) the run, then editing")
-        results.append(evaluate_setting(work, name, args.n, float(noise), corruption, args))
+        log(f"{name} {noise:g} {corruption}: scoring (or reusing) the run, then editing")
+        results.append(evaluate_setting(work, name, args.n, noise, corruption, args))
         log("done", time.perf_counter() - started)
     payload = {"machine": machine, "fraction": args.fraction, "newton_steps": args.newton_steps, "results": results}
     publish(args.name, payload, render(machine, results, args), args.results)

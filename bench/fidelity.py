@@ -23,10 +23,10 @@ Every correlation is reported per seed and as the mean over seeds with a 95% boo
 benchmark on selected removals (half from the 10% most harmful; damping and δ sweeps) is
 ``bench/fidelity_selected.py``.
 
-    .venv/bin/python bench/fidelity.py                    # shapes and digits, seeds 0 1 2, 50 removals, 20 subsets
-    .venv/bin/python bench/fidelity.py --quick            # shapes, seed 0, 12 removals, 6 subsets
-    .venv/bin/python bench/fidelity.py --datasets digits --name fidelity-digits   # one data set (e.g. in parallel)
-    .venv/bin/python bench/fidelity.py --from-json bench/results/fidelity-shapes.json,bench/results/fidelity-digits.json
+    .venv/bin/python -m bench.fidelity                    # shapes and digits, seeds 0 1 2, 50 removals, 20 subsets
+    .venv/bin/python -m bench.fidelity --quick            # shapes, seed 0, 12 removals, 6 subsets
+    .venv/bin/python -m bench.fidelity --datasets digits --name fidelity-digits   # one data set (e.g. in parallel)
+    .venv/bin/python -m bench.fidelity --from-json bench/results/fidelity-shapes.json,bench/results/fidelity-digits.json
                                                           # one table from earlier runs' JSON, nothing measured
 """
 
@@ -36,14 +36,11 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-from common import RetrainCache, correlations  # noqa: E402
+from bench import common
+from bench.common import RetrainCache, correlations
 
 LOO_PREDICTORS = (
     ("influence", "exact ECIF"),
@@ -59,7 +56,7 @@ TARGET_PEARSON, TARGET_SPEARMAN = 0.98, 0.97
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__, __spec__.name)
     parser.add_argument("--quick", action="store_true", help="shapes, seed 0, 12 removals, 6 subsets")
     parser.add_argument("--datasets", default=None, help="comma-separated (default shapes,digits)")
     parser.add_argument("--seeds", default=None, help="comma-separated data/model seeds (default 0,1,2)")
@@ -72,8 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sets", default="0.01,0.05,0.1", help="leave-set-out fractions (most harmful first)")
     parser.add_argument("--tolerance", type=float, default=1e-10, help="gradient-norm tolerance of θ̂ and every retrain")
     parser.add_argument("--bootstrap", type=int, default=2000)
-    common.add_common_arguments(parser, seed=False)
-    parser.add_argument("--name", default="fidelity", help="result file stem")
+    common.add_common_arguments(parser, seed=False, name="fidelity")
     parser.add_argument(
         "--from-json", default=None, metavar="FILE[,FILE...]",
         help="measure nothing: concatenate the results of earlier JSON outputs of this script (e.g. separate shapes "
@@ -123,11 +119,12 @@ def regime(engine, label: str, delta: float, start, tolerance: float, cache: Ret
     """
     import torch
 
-    from ecif.curvature.solvers import CurvatureConfig, CurvatureNotPositiveDefinite, build_solver
-    from ecif.influence.objective import HeadsProblem
-    from ecif.models.heads import finetune_heads
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import CurvatureNotPositiveDefinite, build_solver
+    from ecif.objective.contrastive import ContrastiveProblem
+    from ecif.finetune import finetune_heads
 
-    problem = HeadsProblem(engine.scope, engine.problem.data, engine.theta0, delta)
+    problem = ContrastiveProblem(engine.scope, engine.problem.data, engine.theta0, delta)
     dense = CurvatureConfig(solver="dense", damping=engine.curvature.damping)
     path = cache.directory / f"{key}-theta.pt"
     record = cache.get(f"{key}-theta")
@@ -171,7 +168,8 @@ def retrain(current: Regime, rows, tolerance: float):
     import torch
 
     from ecif.influence.scores import reduced_problem
-    from ecif.models.heads import FinetuneConfig, finetune_heads
+    from ecif.config import FinetuneConfig
+    from ecif.finetune import finetune_heads
 
     started = time.perf_counter()
     reduced = reduced_problem(current.problem, list(map(int, rows)))
@@ -194,7 +192,7 @@ def retrain(current: Regime, rows, tolerance: float):
     else:
         # The retrained heads are a few 1e-3 from θ̂, where the dense Hessian is positive definite;
         # two products suffice for the report's (upper-bound) eigenvalue.
-        from ecif.models.heads import convergence_report
+        from ecif.finetune import convergence_report
 
         report = convergence_report(reduced, theta, config)
     return theta, report, time.perf_counter() - started
@@ -346,7 +344,7 @@ def measure_seed(args, dataset: str, seed: int) -> dict:
 
     from ecif.tasks.engine import load_engine
 
-    work = args.work or common.default_work_dir()
+    work = common.work_dir(args)
     run = common.scored_demo_run(work, dataset, args.n, seed=seed, checkpoint=backbone(work, dataset, seed, args.n))
     engine = load_engine(run)
     selection = run.info["stages"]["fine-tune"].get("delta_selection") or {}
@@ -553,7 +551,8 @@ REPORTED_SETTINGS = ("n", "loo", "lds", "lds_fraction", "tolerance", "seeds")
 def load_results(args) -> tuple[list[dict], float | None, dict]:
     """``--from-json``: the concatenated ``results`` of earlier outputs of this script, their summed
     total time (None when a file does not record it) and the first file's machine; the reported
-    settings (:data:`REPORTED_SETTINGS`) are copied from the first file onto ``args``."""
+    settings (:data:`REPORTED_SETTINGS`) are copied from the first file onto ``args``, except the
+    seeds, which are all the files' seeds."""
     payloads = []
     for name in (part.strip() for part in args.from_json.split(",")):
         if name:
@@ -565,7 +564,9 @@ def load_results(args) -> tuple[list[dict], float | None, dict]:
     for key in REPORTED_SETTINGS:
         if key in first:
             setattr(args, key, first[key])
-        if any(payload["settings"].get(key) != first.get(key) for payload in payloads[1:]):
+        if key == "seeds":  # files of separate seeds (or data sets) report all of them
+            args.seeds = sorted({seed for payload in payloads for seed in payload["settings"].get("seeds", [])})
+        elif any(payload["settings"].get(key) != first.get(key) for payload in payloads[1:]):
             common.log(f"warning: the files differ in {key!r}; the report prints the first file's ({first.get(key)!r})")
     args.datasets = list(dict.fromkeys(r["dataset"] for payload in payloads for r in payload["results"]))
     seconds = [payload.get("seconds") for payload in payloads]
@@ -575,12 +576,11 @@ def load_results(args) -> tuple[list[dict], float | None, dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    common.set_threads(args.threads)
+    machine = common.start(args)
     started = time.perf_counter()
     if args.from_json:
         results, seconds, machine = load_results(args)
     else:
-        machine = common.machine_info()
         results = [measure_seed(args, dataset, seed) for dataset in args.datasets for seed in args.seeds]
         seconds = time.perf_counter() - started
     summary = summarise(results, args.bootstrap)

@@ -1,4 +1,4 @@
-"""Selected removals: leave-one-out and leave-set-out fidelity of ECIF against ACTUAL retraining (ECIF_METHOD §8).
+"""Selected removals: leave-one-out and leave-set-out fidelity of ECIF against ACTUAL retraining (docs/method.md §8).
 
 The uniform-removal benchmark (several seeds, two penalties, LDS) is ``bench/fidelity.py``; this one
 draws half of its removals from the pairs ECIF calls most harmful.  On the shapes demo (heads scope,
@@ -8,7 +8,7 @@ float64, dense reference solver) this script
 2. leave-one-out: removes single training pairs, retrains the heads from ``θ̂`` to a tight gradient
    norm with ``finetune_heads`` (L-BFGS + Newton-CG polish) and compares the actual change of the
    trusted (validation) contrastive loss ``Δφ`` with the predictions ``influence`` (exact ECIF),
-   ``influence_first_order`` and ``influence_pos_only`` (classical): Pearson and Spearman;
+   ``influence_first_order`` and ``influence_pos`` (classical): Pearson and Spearman;
 3. leave-set-out: removes the 5% most harmful pairs (by predicted influence), retrains, and compares
    the group and additive closed-form estimates (with/without the ``1/N → 1/(N−k)`` renormalisation
    term; ``φ(θ̂+Δθ)`` and linear ``∇φᵀΔθ``) and the Newton edit (1 and 3 steps) with the actual change;
@@ -19,8 +19,8 @@ float64, dense reference solver) this script
 
 Retraining results are cached in the run folder (``bench-fidelity/``), so an interrupted run resumes.
 
-    .venv/bin/python bench/fidelity_selected.py            # n=3000, 50 removals
-    .venv/bin/python bench/fidelity_selected.py --quick    # n=1500, 15 removals
+    .venv/bin/python -m bench.fidelity_selected            # n=3000, 50 removals
+    .venv/bin/python -m bench.fidelity_selected --quick    # n=1500, 15 removals
 """
 
 from __future__ import annotations
@@ -28,38 +28,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     RetrainCache,
+    add_batch_size_argument,
     add_common_arguments,
+    announce,
+    argument_parser,
     correlations,
-    default_work_dir,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
+    recorded_settings,
     scored_demo_run,
-    set_threads,
     slope_through,
+    start,
+    work_dir,
     write_results,
 )
 
 PREDICTORS = (
     ("influence", "exact ECIF"),
     ("influence_first_order", "first-order ECIF"),
-    ("influence_pos_only", "positive-only (classical IF)"),
+    ("influence_pos", "positive-only (classical IF)"),
 )
 LOO_TARGET_PEARSON = 0.95
 SET_TARGET_RELATIVE_ERROR = 0.20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--quick", action="store_true", help="n=1500 and 15 removals (defaults otherwise: n=3000, 50)")
     parser.add_argument("--n", type=int, default=None, help="demo size (all splits)")
     parser.add_argument("--loo", type=int, default=None, help="number of single-pair removals")
@@ -76,13 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="'run': the run's own solver (dense reference here); 'cg': matrix-free CG to relative residual 1e-12 "
         "on the exact Hessian (same numbers, no dense matrix to assemble)",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=None,
-        help="reference batch size of the fine-tuning (own run folder, suffix -bN); default: the library default, "
-        "or whatever an existing run folder was made with",
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--name", default="fidelity-selected", help="result file stem")
+    add_batch_size_argument(parser)
+    add_common_arguments(parser, name="fidelity-selected")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = 1500 if args.quick else 3000
@@ -97,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def retrain(engine, rows, config, theta_path: Path | None = None):
     """Actually re-fine-tune the heads without ``rows`` (warm start from ``θ̂``); return ``(θ, report, seconds)``."""
     from ecif.influence.scores import reduced_problem
-    from ecif.models.heads import finetune_heads
+    from ecif.finetune import finetune_heads
 
     started = time.perf_counter()
     theta, report = finetune_heads(reduced_problem(engine.problem, list(map(int, rows))), engine.theta, config)
@@ -304,8 +299,8 @@ def damping_sweep(engine, phi, loo: dict, set_rows, set_actual: float, dampings:
 
 
 def delta_sweep(engine, run, deltas: list[float], max_iterations: int, cache: RetrainCache) -> list[dict]:
-    from ecif.influence.objective import HeadsProblem
-    from ecif.models.heads import finetune_heads
+    from ecif.objective.contrastive import ContrastiveProblem
+    from ecif.finetune import finetune_heads
     from ecif.run import FINETUNE_FILE, read_json
 
     out = []
@@ -317,7 +312,7 @@ def delta_sweep(engine, run, deltas: list[float], max_iterations: int, cache: Re
         if record is None:
             log(f"δ sweep: fine-tuning from θ₀ with δ={delta:g} (L-BFGS cap {max_iterations})")
             config = dataclasses.replace(engine.finetune, delta=delta, max_lbfgs_iterations=max_iterations)
-            problem = HeadsProblem(engine.scope, engine.problem.data, engine.theta0, delta)
+            problem = ContrastiveProblem(engine.scope, engine.problem.data, engine.theta0, delta)
             _, report = finetune_heads(problem, config=config)
             record = {**report.to_dict(), "source": f"fresh fine-tune from θ₀ (L-BFGS cap {max_iterations})"}
             cache.put(key, record)
@@ -330,14 +325,13 @@ def delta_sweep(engine, run, deltas: list[float], max_iterations: int, cache: Re
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    machine = start(args)
     import numpy as np
 
     from ecif.influence.scores import gradient_of, influence_on, renormalisation_step
     from ecif.tasks.engine import load_engine
 
-    machine = machine_info()
-    work = args.work or default_work_dir()
+    work = work_dir(args)
     started = time.perf_counter()
     log(f"fidelity: shapes n={args.n}, {args.loo} removals, work folder {work}")
     run = scored_demo_run(work, "shapes", args.n, 0.1, "random-caption", args.seed, args.batch_size)
@@ -407,9 +401,7 @@ def main(argv=None) -> dict:
     if deltas:
         state["delta_rows"] = delta_sweep(engine, run, deltas, args.delta_max_iterations, cache)
         payload = render_and_write()
-    print()
-    print(payload["markdown"])
-    print(f"\nwrote {args.results or 'bench/results'}/{args.name}.json and .md")
+    announce(args.name, payload["markdown"], args.results)
     return payload
 
 
@@ -482,7 +474,7 @@ def report(args, machine, run, engine, problem, theta, records, loo, loo_rows, r
                 ["λ", "smallest eigenvalue of H+λI", "exact Pearson", "exact Spearman", "first-order Pearson", "pos-only Pearson", "set (group) rel. error"],
                 [
                     [r["damping"], r.get("smallest_eigenvalue"), r.get("influence_pearson"), r.get("influence_spearman"),
-                     r.get("influence_first_order_pearson"), r.get("influence_pos_only_pearson"), r.get("set_group_relative_error")]
+                     r.get("influence_first_order_pearson"), r.get("influence_pos_pearson"), r.get("set_group_relative_error")]
                     if "error" not in r
                     else [r["damping"], r["error"], None, None, None, None, None]
                     for r in damping_rows
@@ -526,7 +518,7 @@ def report(args, machine, run, engine, problem, theta, records, loo, loo_rows, r
     ]
     markdown = "\n".join(lines)
     payload = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": recorded_settings(args),
         "machine": machine,
         "run_dir": str(run.directory),
         "parameters": int(theta.numel()),

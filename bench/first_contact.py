@@ -8,13 +8,12 @@ the stages and the progress bar show, and one of the scored page.  Then, on the 
 compares the default solver (``auto`` = EK-FAC-preconditioned conjugate gradient) with the dense
 reference it replaced: time, and Spearman of every influence column.
 
-    .venv/bin/python bench/first_contact.py            # about 2 minutes
-    .venv/bin/python bench/first_contact.py --no-solvers
+    .venv/bin/python -m bench.first_contact            # about 2 minutes
+    .venv/bin/python -m bench.first_contact --no-solvers
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS_DIR, machine_info, machine_markdown, markdown_table, publish
+from bench.common import REPO, argument_parser, machine_info, machine_markdown, markdown_table, publish, results_folder
 
 CHROMIUM = os.environ.get("ECIF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -92,10 +91,11 @@ def solver_agreement(run_dir: Path) -> list[list]:
     import numpy as np
     from scipy.stats import spearmanr
 
-    from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import build_solver
     from ecif.influence.scores import influence_on, self_influence
     from ecif.tasks.engine import load_engine
-    from ecif.tasks.evaluate import gradient_of
+    from ecif.tasks.scoring import gradient_of
 
     engine = load_engine(run_dir)
     problem, theta = engine.problem, engine.theta
@@ -119,7 +119,7 @@ def solver_agreement(run_dir: Path) -> list[list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--no-solvers", action="store_true", help="skip the solver comparison")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--results", type=Path, default=None)
@@ -128,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         cache = Path(folder) / "cache"
         cache.mkdir()
-        shots = RESULTS_DIR if args.results is None else args.results
+        shots = results_folder(args.results)
         shots.mkdir(parents=True, exist_ok=True)
         timing = time_first_scored_page(cache, shots, args.timeout)
         machine = machine_info()

@@ -6,7 +6,7 @@ database) and prints the server-side time of one rerun of the Review page (24 ca
 five, with the ratio to the 500-pair run.  The browser adds its own paint time on top (the
 end-to-end test's screenshots show the same page).
 
-    .venv/bin/python bench/review_page.py
+    .venv/bin/python -m bench.review_page
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the synthetic run builder the app's tests use
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streamlit.testing.v1 import AppTest
 
+from bench.common import REPO, machine_info, machine_markdown, markdown_table
+
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic run builder the app's tests use
 from app_fixtures import build_synthetic_run  # noqa: E402
-from common import machine_info, machine_markdown, markdown_table  # noqa: E402
-from streamlit.testing.v1 import AppTest  # noqa: E402
 
 SIZES = (500, 2000, 5000)
 REPEATS = 5

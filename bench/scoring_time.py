@@ -7,8 +7,8 @@ from cached features and nothing else.  The model is the demo CLIP trained on a 
 set (``bench/common.pretraining_pool_checkpoint``; the weights do not change the cost), unless
 ``--checkpoint`` names another ecif-demo checkpoint.
 
-    .venv/bin/python bench/scoring_time.py                  # n=5000 (3,500 training pairs), dense and EK-FAC
-    .venv/bin/python bench/scoring_time.py --n 3000 --solvers dense
+    .venv/bin/python -m bench.scoring_time                  # n=5000 (3,500 training pairs), dense and EK-FAC
+    .venv/bin/python -m bench.scoring_time --n 3000 --solvers dense
 """
 
 from __future__ import annotations
@@ -17,23 +17,20 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    add_common_arguments,
+from bench.common import (
     StageLogger,
-    default_work_dir,
+    add_common_arguments,
+    argument_parser,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
     pretraining_pool_checkpoint,
     publish,
-    set_threads,
+    start,
+    work_dir,
 )
 
 TIMED_STAGES = ("fine-tune", "curvature", "scores")
@@ -41,25 +38,23 @@ TARGET_SECONDS = 60.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--n", type=int, default=5000, help="demo size over all splits (70%% train)")
     parser.add_argument("--solvers", default="dense,ekfac", help="comma-separated curvature solvers to time")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--checkpoint", type=Path, default=None)
-    add_common_arguments(parser)
-    parser.add_argument("--name", default="scoring_time")
+    add_common_arguments(parser, name="scoring_time")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    machine = start(args)
     import ecif
     from ecif.run import Run
     from ecif.tasks.pipeline import run_pipeline
 
-    work = Path(args.work or default_work_dir())
-    machine = machine_info()
+    work = work_dir(args)
     checkpoint = Path(args.checkpoint or pretraining_pool_checkpoint(work, "shapes", 3000, args.seed)).resolve()
     base = work / f"scoring-time-shapes-n{args.n}-seed{args.seed}"
     config = ecif.RunConfig(

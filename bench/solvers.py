@@ -1,7 +1,7 @@
 """How closely each curvature solver ranks influence like the dense Hessian, on scored demo runs.
 
-    .venv/bin/python bench/solvers.py                 # the default and the pretrained-pool shapes runs (n=3000, 10% random captions)
-    .venv/bin/python bench/solvers.py --run RUN_DIR   # any scored run whose heads fit the dense solver
+    .venv/bin/python -m bench.solvers                 # the default and the pretrained-pool shapes runs (n=3000, 10% random captions)
+    .venv/bin/python -m bench.solvers --run RUN_DIR   # any scored run whose heads fit the dense solver
 
 For each run: every training pair's ``influence`` on the trusted loss with the run's dense Hessian
 (the reference), then with the dense Gauss–Newton, the same two matrices made block-diagonal (the
@@ -14,31 +14,27 @@ reference value, conjugate-gradient iterations and seconds (curvature build incl
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     add_common_arguments,
-    default_work_dir,
+    argument_parser,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
     pretraining_pool_checkpoint,
     publish,
     scored_demo_run,
-    set_threads,
+    start,
+    work_dir,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--run", type=Path, action="append", default=[], help="a scored run folder (repeatable)")
-    add_common_arguments(parser, seed=False)
-    parser.add_argument("--name", default="solvers")
+    add_common_arguments(parser, seed=False, name="solvers")
     return parser.parse_args(argv)
 
 
@@ -47,7 +43,8 @@ def compare(run_dir: Path) -> tuple[str, list[list]]:
     from scipy.stats import pearsonr, spearmanr
 
     from ecif.curvature.products import dense_curvature
-    from ecif.curvature.solvers import CurvatureConfig, DenseSolver, build_solver
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import DenseSolver, build_solver
     from ecif.influence.scores import gradient_of, influence_on
     from ecif.tasks.engine import load_engine
 
@@ -82,11 +79,10 @@ def compare(run_dir: Path) -> tuple[str, list[list]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
-    machine = machine_info()
+    machine = start(args)
     runs = list(args.run)
     if not runs:
-        work = args.work or default_work_dir()
+        work = work_dir(args)
         runs = [scored_demo_run(work).directory,
                 scored_demo_run(work, checkpoint=pretraining_pool_checkpoint(work)).directory]
     sections, payload = [], {"machine": machine, "runs": {}}

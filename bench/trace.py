@@ -1,4 +1,4 @@
-"""Trace-back against a planted systematic corruption (ECIF_METHOD §8, "Trace-back").
+"""Trace-back against a planted systematic corruption (docs/method.md §8, "Trace-back").
 
 A share (``--noise``, default all) of one group of training pairs gets one consistent wrong class
 word (shapes: red squares captioned as red circles; digits: white ones captioned as zeros; with
@@ -12,9 +12,9 @@ culprits act mainly as negatives (``main_role``), and how many of those are genu
 wrong class whose caption is that of a planted pair in their reference batch.  The base rate is the share of planted pairs in
 the whole training set (what a random ranking would get).
 
-    .venv/bin/python bench/trace.py                # shapes, n=3000, every red square captioned as a circle
-    .venv/bin/python bench/trace.py --noise 0.5    # half of them
-    .venv/bin/python bench/trace.py --pretrained-pool --corruption systematic-class   # every square, clean backbone
+    .venv/bin/python -m bench.trace                # shapes, n=3000, every red square captioned as a circle
+    .venv/bin/python -m bench.trace --noise 0.5    # half of them
+    .venv/bin/python -m bench.trace --pretrained-pool --corruption systematic-class   # every square, clean backbone
 
 With a third of the group mislabelled the demo CLIP still gets every test item of the group right
 (the majority wins) and with half it makes one mistake, so the default mislabels the whole group.
@@ -23,33 +23,34 @@ With a third of the group mislabelled the demo CLIP still gets every test item o
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
+    RetrainCache,
     add_common_arguments,
-    default_work_dir,
+    argument_parser,
+    correlations,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
     pretraining_pool_checkpoint,
-    scored_demo_run,
-    set_threads,
     publish,
+    recorded_settings,
+    scored_demo_run,
+    start,
+    work_dir,
 )
+from bench.fidelity_selected import retrain
 
 TARGET_PRECISION = 0.8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--name", default="shapes", choices=["shapes", "digits"])
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=1.0, help="share of the group's training pairs mislabelled")
@@ -140,8 +141,6 @@ def verify_culprits(run, mistakes, args, cache_dir: Path | None = None) -> dict:
     from ecif.paths import text_sha256
     from ecif.tasks.engine import load_engine
     from ecif.tasks.trace import item_answers, item_targets, items_loss
-    from common import RetrainCache, correlations
-    from fidelity_selected import retrain
 
     engine = load_engine(run)
     # Retrains start next to θ̂ and only their gradient norm matters here: a short eigenvalue check.
@@ -243,14 +242,13 @@ def verification_markdown(verified: dict | None, args, mistakes: str) -> list[st
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    machine = start(args)
     import ecif
     from ecif.data.demo import systematic_group
     from ecif.tasks.trace import predictions_table
 
-    machine = machine_info()
     started = time.perf_counter()
-    work = args.work or default_work_dir()
+    work = work_dir(args)
     checkpoint = pretraining_pool_checkpoint(work, args.name, args.n, args.seed) if args.pretrained_pool else None
     run = scored_demo_run(work, args.name, args.n, round(args.noise, 4), args.corruption, args.seed, checkpoint=checkpoint,
                           delta=args.delta)
@@ -369,7 +367,7 @@ def main(argv=None) -> dict:
         *verification_markdown(verified, args, f"mistakes (as {wrong})"),
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])
-    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "items": per_item, "verified": verified,
+    payload = {"settings": recorded_settings(args, as_text=True), "machine": machine, "items": per_item, "verified": verified,
                "table": rows, "base_rate": base_rate, "backbone_similarity": similarity, "markdown": markdown}
     publish(result_name, payload, markdown, args.results)
     return payload

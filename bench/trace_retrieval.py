@@ -8,31 +8,23 @@ heads without each of their top-k culprits (three rankings, as bench/trace.py), 
 ranking's top-k at once.  Reported: predicted against actual change of the item's loss, and how many
 culprits are planted random-caption pairs (base rate 0.10).
 
-    .venv/bin/python bench/trace_retrieval.py
+    .venv/bin/python -m bench.trace_retrieval
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import add_common_arguments, default_work_dir, log, machine_info, machine_markdown, markdown_table, publish, scored_demo_run, set_threads  # noqa: E402
-
-# bench/trace.py by its path: ``import trace`` may give the standard library's module.
-_spec = importlib.util.spec_from_file_location("bench_trace", Path(__file__).with_name("trace.py"))
-bench_trace = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_trace)
+from bench import trace as bench_trace
+from bench.common import add_common_arguments, argument_parser, log, machine_markdown, markdown_table, publish, recorded_settings, scored_demo_run, start, work_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--top-k", type=int, default=10)
@@ -45,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def unlabelled_run(labelled, work: Path):
     """The labelled demo run's data without its classes, scored with the same trained demo CLIP."""
     from ecif.data.manifest import write_manifest_subset
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.config import RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     root = work / f"{labelled.directory.name}-unlabelled"
     manifest = root / "manifest.csv"
@@ -60,12 +53,11 @@ def unlabelled_run(labelled, work: Path):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    machine = start(args)
     import ecif
 
-    machine = machine_info()
     started = time.perf_counter()
-    work = args.work or default_work_dir()
+    work = work_dir(args)
     labelled = scored_demo_run(work, "shapes", args.n, round(args.noise, 4), "random-caption", args.seed)
     run = unlabelled_run(labelled, work)
     table = pd.read_parquet(run.path("mispredictions.parquet"))
@@ -103,7 +95,7 @@ def main(argv=None) -> dict:
         *bench_trace.verification_markdown(verified, args, "wrong retrievals"),
         f"Run: {run.directory}; {time.perf_counter() - started:.0f} s.",
     ])
-    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "verified": verified,
+    payload = {"settings": recorded_settings(args, as_text=True), "machine": machine, "verified": verified,
                "precision": precision, "base_rate": base_rate, "markdown": markdown}
     publish("trace-retrieval", payload, markdown, args.results)
     return payload

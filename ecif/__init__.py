@@ -21,67 +21,69 @@ from typing import TYPE_CHECKING, Any
 # Names resolve on first use so that ``import ecif`` (the app, the command line) does not pay for
 # torch and open_clip before it needs them.
 _EXPORTS = {
-    "BlocksScope": "ecif.influence.blocks",
+    "BlocksScope": "ecif.objective.blocks",
     "Cancelled": "ecif.progress",
-    "ContrastiveData": "ecif.influence.objective",
-    "CurvatureConfig": "ecif.curvature.solvers",
-    "DemoDataConfig": "ecif.tasks.pipeline",
-    "EditResult": "ecif.tasks.clean",
+    "ContrastiveData": "ecif.objective.contrastive",
+    "CurvatureConfig": "ecif.config",
+    "DemoDataConfig": "ecif.config",
+    "EditResult": "ecif.tasks.edit",
     "FeatureStore": "ecif.influence.streaming",
-    "FinetuneConfig": "ecif.models.heads",
-    "FinetuneReport": "ecif.models.heads",
-    "HeadsProblem": "ecif.influence.objective",
-    "HeadsScope": "ecif.influence.objective",
+    "FinetuneConfig": "ecif.config",
+    "FinetuneReport": "ecif.finetune",
+    "ContrastiveProblem": "ecif.objective.contrastive",
+    "HeadsScope": "ecif.objective.contrastive",
     "Reporter": "ecif.progress",
     "Run": "ecif.run",
-    "RunConfig": "ecif.tasks.pipeline",
-    "StreamingConfig": "ecif.influence.streaming",
-    "apply_edit": "ecif.tasks.clean",
+    "RunConfig": "ecif.config",
+    "StreamingConfig": "ecif.config",
+    "apply_edit": "ecif.tasks.edit",
     "build_solver": "ecif.curvature.solvers",
     "confusion_items": "ecif.tasks.trace",
     "confusions": "ecif.tasks.trace",
     "detection_report": "ecif.tasks.detect",
     "extract_feature_store": "ecif.tasks.extract",
-    "finetune_heads": "ecif.models.heads",
+    "finetune_heads": "ecif.finetune",
     "flag": "ecif.tasks.detect",
     "influence_on": "ecif.influence.scores",
-    "initial_scope": "ecif.models.heads",
+    "initial_scope": "ecif.models.scope",
     "iter_manifest_chunks": "ecif.data.manifest",
     "load_manifest": "ecif.data.manifest",
     "mispredictions": "ecif.tasks.trace",
-    "predict_edit": "ecif.tasks.clean",
-    "predict_items": "ecif.tasks.clean",
+    "predict_edit": "ecif.tasks.edit",
+    "predict_items": "ecif.tasks.edit",
     "read_left_out": "ecif.tasks.extract",
     "read_row_map": "ecif.tasks.extract",
     "read_scores": "ecif.influence.streaming",
-    "reference_batches": "ecif.influence.objective",
+    "reference_batches": "ecif.objective.contrastive",
     "run_pipeline": "ecif.tasks.pipeline",
     "score_store": "ecif.influence.streaming",
-    "score_training_pairs": "ecif.tasks.evaluate",
+    "score_training_pairs": "ecif.tasks.scoring",
     "refined_removal_effect": "ecif.influence.scores",
-    "select_delta": "ecif.models.heads",
+    "select_delta": "ecif.finetune",
     "self_influence": "ecif.influence.scores",
     "trace": "ecif.tasks.trace",
-    "verify_by_refit": "ecif.tasks.clean",
+    "verify_by_refit": "ecif.tasks.edit",
     "write_feature_store": "ecif.influence.streaming",
     "write_manifest_subset": "ecif.data.manifest",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.config import CurvatureConfig, DemoDataConfig, FinetuneConfig, RunConfig
+    from ecif.curvature.solvers import build_solver
     from ecif.data.manifest import iter_manifest_chunks, load_manifest, write_manifest_subset
-    from ecif.influence.blocks import BlocksScope
-    from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
+    from ecif.finetune import FinetuneReport, finetune_heads, select_delta
     from ecif.influence.scores import influence_on, refined_removal_effect, self_influence
-    from ecif.influence.streaming import FeatureStore, StreamingConfig, read_scores, score_store, write_feature_store
-    from ecif.models.heads import FinetuneConfig, FinetuneReport, finetune_heads, initial_scope, select_delta
+    from ecif.influence.streaming import FeatureStore, read_scores, score_store, write_feature_store
+    from ecif.models.scope import initial_scope
+    from ecif.objective.blocks import BlocksScope
+    from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, reference_batches
     from ecif.progress import Cancelled, Reporter
     from ecif.run import Run
-    from ecif.tasks.clean import EditResult, apply_edit, predict_edit, predict_items, verify_by_refit
+    from ecif.tasks.edit import EditResult, apply_edit, predict_edit, predict_items, verify_by_refit
     from ecif.tasks.detect import detection_report, flag
+    from ecif.tasks.scoring import score_training_pairs
     from ecif.tasks.extract import extract_feature_store, read_left_out, read_row_map
-    from ecif.tasks.evaluate import score_training_pairs
-    from ecif.tasks.pipeline import DemoDataConfig, RunConfig, run_pipeline
+    from ecif.tasks.pipeline import run_pipeline
     from ecif.tasks.trace import confusion_items, confusions, mispredictions, trace
 
 
@@ -93,49 +95,4 @@ def __getattr__(name: str) -> Any:
 
 __version__ = "0.1.0"
 
-__all__ = [  # noqa: F822 (resolved lazily by __getattr__)
-    "BlocksScope",
-    "Cancelled",
-    "ContrastiveData",
-    "CurvatureConfig",
-    "DemoDataConfig",
-    "EditResult",
-    "FeatureStore",
-    "FinetuneConfig",
-    "FinetuneReport",
-    "HeadsProblem",
-    "HeadsScope",
-    "Reporter",
-    "Run",
-    "RunConfig",
-    "StreamingConfig",
-    "apply_edit",
-    "build_solver",
-    "confusion_items",
-    "confusions",
-    "detection_report",
-    "extract_feature_store",
-    "finetune_heads",
-    "flag",
-    "influence_on",
-    "initial_scope",
-    "iter_manifest_chunks",
-    "load_manifest",
-    "mispredictions",
-    "predict_edit",
-    "predict_items",
-    "read_left_out",
-    "read_row_map",
-    "read_scores",
-    "reference_batches",
-    "run_pipeline",
-    "score_store",
-    "score_training_pairs",
-    "refined_removal_effect",
-    "select_delta",
-    "self_influence",
-    "trace",
-    "verify_by_refit",
-    "write_feature_store",
-    "write_manifest_subset",
-]
+__all__ = sorted(_EXPORTS)  # resolved lazily by __getattr__

@@ -19,6 +19,7 @@ Layout (every file is written atomically, so a killed job never leaves a half-wr
       thumbs/                 thumbnails, made once
       decisions.sqlite        the curator's decisions (WAL; survives a killed server)
       edited/                 the closed-form edited checkpoint (model.safetensors) and edit.json
+      exports/<UTC time>/     the app's default export folders (``Run.export_dir``)
       job.json                progress of the background job that fills this folder
 """
 
@@ -27,6 +28,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +47,13 @@ EMBEDDINGS_FILE = "embeddings.npz"
 SCORES_FILE = "scores.parquet"
 MISPREDICTIONS_FILE = "mispredictions.parquet"
 INDEX_DIR = "index"
+#: Written last by every build of ``index/`` (:mod:`ecif.index.neighbours`), so its time names the
+#: finished build.
+INDEX_META_FILE = f"{INDEX_DIR}/index.json"
 THUMBS_DIR = "thumbs"
 DECISIONS_FILE = "decisions.sqlite"
 JOB_FILE = "job.json"
+EXPORTS_DIR = "exports"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -67,11 +75,24 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+def atomic_write_with(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary)`` then rename onto ``path``: readers see the old file or the new, never half of one.
+
+    The temporary name is unique per process and thread (two writers of one regenerable file may
+    race) and keeps ``path``'s suffix (``np.savez`` appends ``.npz`` to a name without it).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(temporary, index=False)
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_with(path, lambda temporary: frame.to_parquet(temporary, index=False))
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -104,9 +125,23 @@ class Run:
     def has(self, name: str) -> bool:
         return self.path(name).exists()
 
+    def mtime(self, name: str) -> float:
+        """When ``name`` was last written (0.0 while it is missing): a cache key for its contents."""
+        path = self.path(name)
+        return path.stat().st_mtime if path.exists() else 0.0
+
     @property
     def is_scored(self) -> bool:
         return self.has(SCORES_FILE)
+
+    @property
+    def is_run_folder(self) -> bool:
+        """Whether a run was started here (it has a ``run.json``) or left its scores."""
+        return self.has(RUN_FILE) or self.is_scored
+
+    def export_dir(self, when: datetime | None = None) -> Path:
+        """A new export folder, ``RUN/exports/<UTC time, YYYYmmdd-HHMMSS>`` (default: now)."""
+        return self.path(EXPORTS_DIR) / (when or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
 
     def manifest(self) -> pd.DataFrame:
         return pd.read_parquet(self.path(MANIFEST_FILE))

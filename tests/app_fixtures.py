@@ -94,7 +94,7 @@ def build_synthetic_run(directory: str | Path, n_train: int = 40, n_val: int = 1
         "caption": train["caption"], "label": train["label"], "corrupted": train["corrupted"],
         "original_caption": train["original_caption"],
         "influence": pos + neg, "influence_pos": pos, "influence_neg": neg,
-        "influence_first_order": pos + 0.8 * neg, "influence_pos_only": pos,
+        "influence_first_order": pos + 0.8 * neg,
         "self_influence": np.abs(pos) + rng.uniform(0, 0.1, n_train),
         "clip_score": clip, "loss": 2.0 - clip,
     })

@@ -43,7 +43,8 @@ def demo_seed() -> int:
 @pytest.fixture(scope="session")
 def scored_demo_run(tmp_path_factory) -> Path:
     """A finished demo run (shapes, n=3000 as in the app demo, 10% random-caption noise) scored end to end."""
-    from ecif.tasks.pipeline import DemoDataConfig, RunConfig, run_pipeline
+    from ecif.config import DemoDataConfig, RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     name = f"shapes-{DEMO_N}" + (f"-seed{DEMO_SEED}" if DEMO_SEED else "")
     run_dir = Path(os.environ["ECIF_CACHE"]) / "test-runs" / name

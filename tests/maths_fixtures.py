@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
+from ecif.config import FinetuneConfig
+from ecif.finetune import finetune_heads
 from ecif.influence.synthetic import toy_features
-from ecif.models.heads import FinetuneConfig, finetune_heads
 from ecif.models.open_clip_models import LoadedModel
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, reference_batches
 
 
 @dataclass
 class Toy:
-    problem: HeadsProblem
+    problem: ContrastiveProblem
     theta: torch.Tensor
     validation: ContrastiveData
     flipped: torch.Tensor
@@ -30,7 +31,7 @@ def make_toy(n: int = 120, batch_size: int = 10, delta: float = 1.0, learn_logit
     if learn_logit_scale:
         theta0[-1] = math.log(10.0)
     data = ContrastiveData(image, text, reference_batches(n, batch_size))
-    problem = HeadsProblem(scope, data, theta0, delta)
+    problem = ContrastiveProblem(scope, data, theta0, delta)
     theta, report = finetune_heads(problem, config=FinetuneConfig(delta=delta, batch_size=batch_size))
     assert report.converged, report.warnings
     validation = ContrastiveData(val_image, val_text, reference_batches(80, batch_size))
@@ -105,7 +106,7 @@ def make_block_toy(n: int = 48, batch_size: int = 8, blocks: int = 1, delta: flo
 
     data, flipped = features(n, 0, 0.15)
     validation, _ = features(32, 1, 0.0)
-    problem = HeadsProblem(scope, data, theta0, delta)
+    problem = ContrastiveProblem(scope, data, theta0, delta)
     theta, report = finetune_heads(problem, config=FinetuneConfig(delta=delta, batch_size=batch_size))
     assert report.converged, report.warnings
     return Toy(problem, theta, validation, flipped)
@@ -125,14 +126,14 @@ def make_detection_toy(n: int = 100, batch_size: int = 10, delta: float = 1.0, s
     val_image, val_text, _ = toy_features(80, seed + 1, flip=0.0)
     scope = HeadsScope(12, 10, 12, math.log(10.0))
     theta0 = 0.3 * torch.randn(scope.size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    problem = HeadsProblem(scope, ContrastiveData(image, text, reference_batches(n, batch_size)), theta0, delta)
+    problem = ContrastiveProblem(scope, ContrastiveData(image, text, reference_batches(n, batch_size)), theta0, delta)
     theta, report = finetune_heads(problem, config=FinetuneConfig(delta=delta, batch_size=batch_size))
     assert report.converged, report.warnings
     validation = ContrastiveData(val_image, val_text, reference_batches(80, batch_size))
     return Toy(problem, theta, validation, flipped)
 
 
-from ecif.models.heads import FinetuneReport  # noqa: E402  (kept with the helpers below that use it)
+from ecif.finetune import FinetuneReport  # noqa: E402  (kept with the helpers below that use it)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def make_weak_penalty_toy(
 
     Narrower heads (8-wide features, 4-wide embedding: 64 parameters) and clean captions by default:
     the 12/10/6 heads of :func:`make_toy` collapse features onto the origin at δ ≤ 0.05 with 100
-    pairs (ECIF_METHOD §5; measured gradient norm 0.6 to 4 after fine-tuning).  The defaults converge
+    pairs (docs/method.md §5; measured gradient norm 0.6 to 4 after fine-tuning).  The defaults converge
     (measured: gradient norm 9.7e-9, Hessian eigenvalues 0.0098 to 24.1; 8 s of CPU), as does
     ``n=120, flip=0.1`` (0.0082 to 313, but 22 s).  Weak penalties converge for some seeds only
     (seed 2 of the defaults collapsed), so the report is returned for the caller to check.
@@ -165,7 +166,7 @@ def make_weak_penalty_toy(
     val_image, val_text, _ = toy_features(80, seed + 1, image_dim, text_dim, flip=0.0)
     scope = HeadsScope(image_dim, text_dim, embed_dim, math.log(10.0), False)
     theta0 = torch.randn(scope.size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    problem = HeadsProblem(scope, ContrastiveData(image, text, reference_batches(n, batch_size)), theta0, delta)
+    problem = ContrastiveProblem(scope, ContrastiveData(image, text, reference_batches(n, batch_size)), theta0, delta)
     theta, report = finetune_heads(problem, config=FinetuneConfig(delta=delta, batch_size=batch_size))
     validation = ContrastiveData(val_image, val_text, reference_batches(80, batch_size))
     return ReportedToy(problem, theta, validation, flipped, report)

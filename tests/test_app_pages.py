@@ -40,14 +40,6 @@ def app(run, page: str = "review", **params: str) -> AppTest:
     return at.run()
 
 
-class FakeConfig:
-    """Stands in for ecif.RunConfig: the config is the settings it was built from."""
-
-    @classmethod
-    def from_settings(cls, run_dir: Path, settings: dict) -> dict:
-        return {"run_dir": run_dir, **settings}
-
-
 def match_count(at: AppTest) -> int:
     text = next(m.value for m in at.sidebar.markdown if " pairs match" in m.value)
     return int(text.split("**")[1])
@@ -144,20 +136,18 @@ def test_launch_run_is_scored_in_the_background(tmp_path: Path, monkeypatch: pyt
     """First launch on the demo folder: scoring starts by itself, progress shows, results appear."""
     import threading
 
-    import ecif
     from ecif.jobs.launch import run_dir_for
     from ecif.jobs.manager import read_status
 
     monkeypatch.setenv("ECIF_CACHE", str(tmp_path / "cache"))
     gate = threading.Event()
 
-    def fake_pipeline(config: dict, reporter) -> None:
+    def fake_pipeline(config, reporter) -> None:
         for _ in reporter.iterate(range(3), "features"):
             gate.wait(20)
-        build_synthetic_run(config["run_dir"], n_train=30, n_val=6)
+        build_synthetic_run(config.run_dir, n_train=30, n_val=6)
 
-    monkeypatch.setattr("ecif.jobs.launch.RunConfig", FakeConfig)
-    monkeypatch.setattr(ecif, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr("ecif.tasks.pipeline.run_pipeline", fake_pipeline)
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     status = read_status(run_dir_for())
@@ -283,7 +273,7 @@ def test_culprits_are_dropped_together_after_seeing_the_predicted_effect(run, mo
 def test_whatif_passes_decisions_to_the_engine(run, monkeypatch: pytest.MonkeyPatch) -> None:
     import ecif
     from ecif.curation.review import decide, review_table
-    from ecif.tasks.clean import EditMetrics, EditResult
+    from ecif.tasks.edit import EditMetrics, EditResult
 
     seen = {}
 
@@ -309,7 +299,6 @@ def test_whatif_passes_decisions_to_the_engine(run, monkeypatch: pytest.MonkeyPa
 
 def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import ecif
     from ecif.jobs.manager import read_status
 
     image = run.manifest()["filepath"].iloc[0]
@@ -317,8 +306,7 @@ def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
     pd.DataFrame({"filepath": [image, "/nowhere/missing.png", image],
                   "caption": ["a shape", "lost", "another shape"]}).to_csv(manifest, index=False)
     started = []
-    monkeypatch.setattr("ecif.jobs.launch.RunConfig", FakeConfig)
-    monkeypatch.setattr(ecif, "run_pipeline", lambda config, reporter: started.append(config))
+    monkeypatch.setattr("ecif.tasks.pipeline.run_pipeline", lambda config, reporter: started.append(config))
     at = app(run, "load")
     at.text_input(key="load_manifest").input(str(manifest)).run()
     at.button(key="check_manifest").click().run()
@@ -334,7 +322,7 @@ def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
     while (read_status(target) or {}).get("state") != "done":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert started[0]["manifest"] == str(manifest) and started[0]["trusted_split"] == "val"
+    assert str(started[0].manifest) == str(manifest) and started[0].trusted_split == "val"
     assert read_status(target)["settings"]["finetune"]["delta"] == "auto"  # recorded for resume
     assert read_status(target)["settings"]["finetune"]["blocks"] == 1
 

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the bench package (`python -m bench.NAME`) is at the repository root
+    sys.path.insert(0, str(REPO))
 
 
 @contextlib.contextmanager
@@ -50,8 +51,9 @@ def _toy(n: int = 60, batch_size: int = 10, delta: float = 3.0):
     """
     import math
 
-    from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
-    from ecif.models.heads import FinetuneConfig, finetune_heads
+    from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, reference_batches
+    from ecif.config import FinetuneConfig
+    from ecif.finetune import finetune_heads
 
     def features(count, seed, flip):
         generator = torch.Generator().manual_seed(seed)
@@ -70,7 +72,7 @@ def _toy(n: int = 60, batch_size: int = 10, delta: float = 3.0):
     scope = HeadsScope(8, 6, 6, math.log(10.0))
     theta0 = 1.0 * torch.randn(scope.size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     config = FinetuneConfig(delta=delta, batch_size=batch_size, gradient_tolerance=1e-9)
-    problem = HeadsProblem(scope, ContrastiveData(image, text, reference_batches(n, batch_size)), theta0, delta)
+    problem = ContrastiveProblem(scope, ContrastiveData(image, text, reference_batches(n, batch_size)), theta0, delta)
     theta, report = finetune_heads(problem, config=config)
     assert report.converged, report.warnings
     validation = ContrastiveData(val_image, val_text, reference_batches(40, batch_size))
@@ -79,9 +81,10 @@ def _toy(n: int = 60, batch_size: int = 10, delta: float = 3.0):
 
 @pytest.fixture(scope="module")
 def toy_engine():
-    from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import build_solver
     from ecif.influence.scores import gradient_of, influence_on
-    from ecif.influence.test_functions import validation_loss
+    from ecif.objective.measurements import validation_loss
 
     with _one_thread():
         problem, theta, validation, config, flipped = _toy()
@@ -102,8 +105,8 @@ def toy_engine():
 
 @pytest.mark.slow  # retrains the toy for leave-one-out and leave-set-out (9 retrains, about 10 s)
 def test_fidelity_measurements_on_the_toy_match_retraining(toy_engine, tmp_path, one_thread):
-    import fidelity_selected
-    from common import RetrainCache
+    from bench import fidelity_selected
+    from bench.common import RetrainCache
 
     from ecif.influence.scores import gradient_of, renormalisation_step
 
@@ -126,7 +129,7 @@ def test_fidelity_measurements_on_the_toy_match_retraining(toy_engine, tmp_path,
     overall = {r["column"]: r for r in statistics if r["subset"] == "all"}
     # measured over these 8 removals: Pearson exact 0.9992, first order 0.985, positive-only 0.936
     assert overall["influence"]["pearson"] >= 0.97, overall
-    assert overall["influence"]["pearson"] > overall["influence_pos_only"]["pearson"] + 0.03, overall
+    assert overall["influence"]["pearson"] > overall["influence_pos"]["pearson"] + 0.03, overall
     # A second call reads the cached retrains instead of retraining.
     again = fidelity_selected.leave_one_out(engine, influence, phi, engine.finetune, cache, args, "smoke")
     assert [r["actual"] for r in again["records"]] == [r["actual"] for r in records]
@@ -160,13 +163,13 @@ def test_uniform_fidelity_measurements_on_the_weak_penalty_toy(tmp_path, one_thr
     rebuilt from the JSON output with ``--from-json`` (about 10 s)."""
     import json
 
-    import fidelity
-    from common import RetrainCache, correlations, machine_info, publish
+    from bench import fidelity
+    from bench.common import RetrainCache, correlations, machine_info, publish
     from maths_fixtures import make_weak_penalty_toy
 
-    from ecif.curvature.solvers import CurvatureConfig
-    from ecif.influence.objective import contrastive_loss
-    from ecif.models.heads import FinetuneConfig
+    from ecif.config import CurvatureConfig
+    from ecif.objective.contrastive import contrastive_loss
+    from ecif.config import FinetuneConfig
 
     tolerance = 1e-10
     toy = make_weak_penalty_toy()
@@ -236,11 +239,12 @@ def test_uniform_fidelity_measurements_on_the_weak_penalty_toy(tmp_path, one_thr
 
 def test_detect_report_and_table_from_real_scores(toy_engine, one_thread):
     """bench/detect.py's table from ecif.detection_report on the toy's real scores and planted flips."""
-    import detect
     import pandas as pd
 
+    from bench import detect
+
     import ecif
-    from ecif.influence.objective import clip_scores, pair_losses
+    from ecif.objective.contrastive import clip_scores, pair_losses
     from ecif.influence.scores import self_influence
 
     args = detect.parse_args(["--quick"])
@@ -254,7 +258,7 @@ def test_detect_report_and_table_from_real_scores(toy_engine, one_thread):
         {
             "influence": influence.influence,
             "influence_first_order": influence.influence_first_order,
-            "influence_pos_only": influence.influence_pos_only,
+            "influence_pos": influence.influence_pos,
             "self_influence": self_influence(problem, theta, engine.solver),
             "self_influence_first_order": self_influence(problem, theta, engine.solver, negative="first_order"),
             "clip_score": clip.numpy(),
@@ -282,7 +286,7 @@ def test_detect_report_and_table_from_real_scores(toy_engine, one_thread):
     machine = {"cpu": "x", "cores": 2, "ram_gib": 1, "python": "3", "torch": "2", "torch_threads": 1,
                "load_average_at_start": [0, 0, 0], "date_utc": "now"}
     markdown = detect.render(args, machine, [result], [])
-    from common import fmt
+    from bench.common import fmt
 
     auroc = by_score["influence"]["auroc"]
     assert f"| ECIF (exact) | {fmt(auroc)} | {fmt(by_score['influence']['average_precision'])} |" in markdown
@@ -292,14 +296,10 @@ def test_detect_report_and_table_from_real_scores(toy_engine, one_thread):
 @pytest.mark.slow
 def test_trace_bench_checks_culprits_by_retraining(scored_demo_run, tmp_path):
     """bench/trace.py's retraining check on the shared demo run's most frequent confusion (about 20 s)."""
-    import importlib.util
-
+    from bench import trace as bench_trace
     from ecif.run import Run
     from ecif.tasks.trace import confusions, predictions_table
 
-    spec = importlib.util.spec_from_file_location("bench_trace", BENCH / "trace.py")  # not the standard library's trace
-    bench_trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_trace)
     run = Run(scored_demo_run)
     first = confusions(run).iloc[0]
     table = predictions_table(run, ["test"])
@@ -326,8 +326,8 @@ def test_trace_bench_checks_culprits_by_retraining(scored_demo_run, tmp_path):
 @pytest.mark.slow
 def test_detect_disagreements_retrains_where_ecif_and_the_planted_labels_disagree(scored_demo_run, tmp_path, monkeypatch):
     """bench/detect_disagreements.py on the shared demo run (10% random captions), two pairs per side (about 20 s)."""
-    import detect_disagreements
-    from common import RetrainCache
+    from bench import detect_disagreements
+    from bench.common import RetrainCache
 
     from ecif.run import Run
 

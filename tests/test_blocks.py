@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from maths_fixtures import make_block_toy, tiny_clip, toy_pixels_and_captions
 from scipy.stats import pearsonr, spearmanr
 
-from ecif.curvature.solvers import CurvatureConfig, build_solver
-from ecif.influence.blocks import BlocksScope
+from ecif.config import CurvatureConfig, FinetuneConfig
+from ecif.curvature.solvers import build_solver
+from ecif.finetune import finetune_heads
 from ecif.influence.scores import gradient_of, influence_on, reduced_problem, self_influence
-from ecif.influence.test_functions import validation_loss
 from ecif.models.blocks import blocks_scope, encode_caption_blocks, encode_image_blocks, set_blocks
-from ecif.models.features import UnsupportedModelError
-from ecif.models.heads import FinetuneConfig, finetune_heads
-from maths_fixtures import make_block_toy, tiny_clip, toy_pixels_and_captions
+from ecif.models.towers import UnsupportedModelError
+from ecif.objective.blocks import BlocksScope
+from ecif.objective.measurements import validation_loss
 
 CAPTIONS = ["a red circle", "a big blue square on the left of a green triangle", "x"]
 
@@ -103,7 +104,8 @@ def test_ekfac_solvers_refuse_the_blocks_scope(block_toy) -> None:
 
 
 def test_a_blocks_run_with_ekfac_is_refused_before_any_work(tmp_path) -> None:
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.config import RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     # Refused before any work, not after a long fine-tuning.
     config = RunConfig(run_dir=tmp_path / "run", finetune=FinetuneConfig(blocks=1), curvature=CurvatureConfig(solver="ekfac-cg"))
@@ -124,7 +126,7 @@ def test_leave_one_out_retraining_matches_exact_ecif(block_toy) -> None:
         actual.append(float(phi(theta)) - base)
     # Measured over 16 removals: Pearson 0.999 (exact), 0.996 (first order), 0.887 (positive only).
     assert pearsonr(influence.influence[rows], actual)[0] >= 0.95
-    assert pearsonr(influence.influence[rows], actual)[0] > pearsonr(influence.influence_pos_only[rows], actual)[0]
+    assert pearsonr(influence.influence[rows], actual)[0] > pearsonr(influence.influence_pos[rows], actual)[0]
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +134,10 @@ def blocks_run(scored_demo_run, tmp_path_factory):
     """``ecif score --blocks 1`` on a slice of the shared demo, with its trained ecif-demo checkpoint."""
     from pathlib import Path
 
+    from ecif.config import RunConfig
     from ecif.data.manifest import write_manifest_subset
     from ecif.run import Run
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.tasks.pipeline import run_pipeline
 
     demo = Run(scored_demo_run)
     root = tmp_path_factory.mktemp("blocks-run")
@@ -156,7 +159,7 @@ def blocks_run(scored_demo_run, tmp_path_factory):
 def test_a_blocks_run_scores_traces_and_edits(blocks_run) -> None:
     import ecif
     from ecif.tasks.engine import load_engine
-    from ecif.tasks.evaluate import INFLUENCE_COLUMNS
+    from ecif.influence.columns import INFLUENCE_COLUMNS
 
     engine = load_engine(blocks_run)
     assert isinstance(engine.scope, BlocksScope) and engine.scope.size == 156096  # two 96-wide blocks, norms, heads

@@ -9,9 +9,9 @@ import sys
 
 import pandas as pd
 import pytest
+from fixtures_data import BROKEN_COMPRESSED, FATAL_MANIFESTS, write_bad_manifest, write_broken_compressed_manifests
 
 from ecif.cli import main
-from fixtures_data import BROKEN_COMPRESSED, FATAL_MANIFESTS, write_bad_manifest, write_broken_compressed_manifests
 
 
 def _json(capsys, argv) -> object:
@@ -111,7 +111,7 @@ def test_choices_written_out_in_the_parser_match_the_library():
     from ecif.cli import build_parser
     from ecif.curvature.solvers import SolverName
     from ecif.tasks.detect import SUSPICION, flag
-    from ecif.tasks.evaluate import INFLUENCE_COLUMNS
+    from ecif.influence.columns import INFLUENCE_COLUMNS
     from ecif.tasks.trace import trace
 
     def choices(command: str, option: str) -> list[str]:
@@ -210,7 +210,7 @@ def test_an_unconverged_run_is_named_before_its_scores(scored_demo_run, tmp_path
 
 def test_finetune_lines_name_the_chosen_delta(scored_demo_run):
     from ecif.cli import _delta_sweep_lines
-    from ecif.models.heads import DELTA_GRID
+    from ecif.config import DELTA_GRID
     from ecif.run import Run
 
     report = Run(scored_demo_run).finetune_report()

@@ -5,13 +5,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from maths_fixtures import make_toy, make_weak_penalty_toy
 from scipy.stats import pearsonr
 
+from ecif.config import CurvatureConfig
 from ecif.curvature.products import dense_curvature, gauss_newton_product, hessian_product
-from ecif.curvature.solvers import CurvatureConfig, CurvatureNotPositiveDefinite, CurvatureSolver, LowRankSolver, build_solver
+from ecif.curvature.solvers import CurvatureNotPositiveDefinite, CurvatureSolver, LowRankSolver, build_solver
 from ecif.influence.scores import gradient_of, influence_along, influence_on, self_influence
-from ecif.influence.test_functions import validation_loss
-from maths_fixtures import make_toy, make_weak_penalty_toy
+from ecif.objective.measurements import validation_loss
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_gauss_newton_is_positive_semidefinite_and_matches_its_definition(toy):
     ggn = dense_curvature(problem, theta, "ggn")
     assert float(torch.linalg.eigvalsh(ggn)[0]) >= problem.delta - 1e-8
     # definition: Jᵀ ∇²_S L J from explicit Jacobians of one batch's logits
-    from ecif.influence.objective import batch_logits
+    from ecif.objective.contrastive import batch_logits
 
     total = problem.delta * torch.eye(theta.numel(), dtype=torch.float64)
     for batch in problem.data.batches:
@@ -59,6 +60,20 @@ def test_conjugate_gradient_matches_dense(toy, kind):
     vectors = torch.randn(4, toy.theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(cg.solve(vectors), dense.solve(vectors), rtol=1e-6, atol=1e-8)
     assert torch.allclose(cg.inverse_quadratic(vectors), dense.inverse_quadratic(vectors), rtol=1e-6)
+
+
+def test_every_registered_name_builds_the_solver_of_that_name_and_others_are_refused(toy):
+    """The registry is the one list of names: each builds a solver that reports it (in run.json and
+    stored files), ``auto`` is one of them, and an unknown name is refused with the valid ones."""
+    from ecif.curvature.solvers import SOLVER_NAMES, SOLVERS
+
+    assert SOLVER_NAMES == ("auto", *SOLVERS)
+    for name in SOLVERS:
+        solver = build_solver(toy.problem, toy.theta, CurvatureConfig(solver=name, low_rank=8))
+        assert solver.name == solver.describe()["solver"] == name
+    assert build_solver(toy.problem, toy.theta, CurvatureConfig(solver="auto")).name in SOLVERS
+    with pytest.raises(ValueError, match="unknown solver 'kfac'; expected one of auto, dense, cg, ekfac, ekfac-cg, lowrank-cg"):
+        build_solver(toy.problem, toy.theta, CurvatureConfig(solver="kfac"))
 
 
 def test_dense_inverse_quadratic_is_the_quadratic_form(toy):
@@ -274,7 +289,7 @@ def test_stored_solver_gives_the_same_answers(toy, tmp_path, name):
 
 def test_factored_embedding_curvature_equals_the_explicit_blocks():
     """EK-FAC's per-pair blocks without forming them: same sum and same eigenbasis diagonals."""
-    from ecif.curvature.solvers import _EmbeddingCurvature
+    from ecif.curvature.solvers.kronecker import _EmbeddingCurvature
 
     generator = torch.Generator().manual_seed(0)
     size, width = 9, 6

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ecif.influence.objective import ContrastiveData, HeadsScope, contrastive_loss, reference_batches
+from ecif.config import AUTO_DELTA, FinetuneConfig, parse_delta
+from ecif.finetune import select_delta, split_trusted_rows
 from ecif.influence.synthetic import toy_features
-from ecif.models.heads import AUTO_DELTA, FinetuneConfig, parse_delta, select_delta, split_trusted_rows
+from ecif.objective.contrastive import ContrastiveData, HeadsScope, contrastive_loss, reference_batches
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_delta_forms():
 
 
 def test_settings_round_trip_through_run_json(tmp_path: Path):
-    from ecif.tasks.pipeline import RunConfig
+    from ecif.config import RunConfig
 
     config = RunConfig(run_dir=tmp_path)
     stored = json.loads(json.dumps(config.settings()))
@@ -101,7 +102,7 @@ def test_cli_refuses_a_bad_delta(capsys):
 
 
 def test_a_choice_at_the_strongest_penalty_says_so():
-    from ecif.models.heads import DeltaSelection
+    from ecif.finetune import DeltaSelection
 
     sweep = [{"delta": 3.0, "selection_loss": 0.70, "converged": True}, {"delta": 1.0, "selection_loss": 0.72, "converged": True},
              {"delta": 0.3, "skipped": "a stronger penalty already failed to converge"}]

@@ -9,24 +9,34 @@ port.  Servers are stopped in fixture teardown, also when a test fails.  Screens
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import sqlite3
 import time
-from urllib.parse import unquote
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pandas as pd
 import pytest
+from browser_helpers import (
+    ACTION_MS,
+    CHROMIUM,
+    FIRST_RENDER_MS,
+    AppServer,
+    button,
+    chromium,
+    click,
+    free_port,
+    screenshot,
+    wait_idle,
+)
+from fixtures_data import write_bad_manifest
 
-from browser_helpers import (ACTION_MS, CHROMIUM, FIRST_RENDER_MS, AppServer, button, chromium,
-                             click, free_port, screenshot, wait_idle)
 from ecif.curation.review import open_store
 from ecif.run import DECISIONS_FILE, SCORES_FILE, Run
-from fixtures_data import write_bad_manifest
 
 pytestmark = [
     pytest.mark.e2e,
@@ -364,7 +374,8 @@ def test_two_sessions_see_each_others_decisions(run_copy: Path, servers, new_pag
 def test_broken_manifest_lists_bad_rows(run_copy: Path, servers, new_page, tmp_path: Path) -> None:
     """A manifest with broken rows: the Load page's check lists them before anything is scored,
     and a run made from it shows the rows it skipped; nothing crashes."""
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.config import RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     bad = write_bad_manifest(tmp_path / "bad")
     # The same broken rows, plus the train/val splits a run needs; the real data stage (no model)

@@ -17,9 +17,9 @@ from test_streaming import own_cache  # noqa: F401 (autouse: every test starts w
 
 from ecif.cli import main
 from ecif.data import load_manifest, make_demo_data
-from ecif.influence.objective import HeadsScope
 from ecif.influence.streaming import FeatureStore, LocalExecutor
 from ecif.models import compute_features, get_heads, load_model, save_checkpoint
+from ecif.objective.contrastive import HeadsScope
 from ecif.progress import Cancelled, Reporter
 from ecif.tasks.engine import save_heads
 from ecif.tasks.extract import extract_feature_store, read_left_out, read_row_map

@@ -13,13 +13,12 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
+from app_fixtures import build_synthetic_run
 
 from ecif.curation.export import export_run
 from ecif.curation.review import decide, edit_spec, open_store, review_table
-from ecif.index.neighbours import (META_FILE, UIDS_FILE, IndexConfig, NeighbourIndex,
-                                   StaleIndexError, build_run_index)
-from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, SCORES_FILE, Run, atomic_write_parquet
-from app_fixtures import build_synthetic_run
+from ecif.index.neighbours import META_FILE, UIDS_FILE, IndexConfig, NeighbourIndex, StaleIndexError, build_run_index
+from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, SCORES_FILE, Run, atomic_write_parquet, atomic_write_with
 
 FORCED_IVF = IndexConfig(exact_max_vectors=500)
 
@@ -54,9 +53,7 @@ def rewrite_embeddings(run: Run, seed: int) -> dict[str, np.ndarray]:
     with np.load(run.path(EMBEDDINGS_FILE)) as data:
         n, dim = data["image"].shape
     new = {m: unit_vectors(n, dim, clusters=None, seed=seed + i) for i, m in enumerate(("image", "text"))}
-    temporary = run.path(".embeddings.tmp.npz")
-    np.savez(temporary, **new)
-    temporary.replace(run.path(EMBEDDINGS_FILE))
+    atomic_write_with(run.path(EMBEDDINGS_FILE), lambda temporary: np.savez(temporary, **new))
     return new
 
 

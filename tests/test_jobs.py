@@ -7,10 +7,10 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from ecif.config import RunConfig
 from ecif.jobs.manager import JobManager, read_status
 from ecif.progress import Reporter
 from ecif.run import JOB_FILE, atomic_write_json
@@ -29,8 +29,8 @@ class FakePipeline:
         self.gate.set()
         self.computed: list[str] = []
 
-    def __call__(self, config: dict[str, Any], reporter: Reporter) -> str:
-        folder = Path(config["run_dir"])
+    def __call__(self, config: RunConfig, reporter: Reporter) -> str:
+        folder = Path(config.run_dir)
         for stage in STAGES:
             marker = folder / f"{stage}.done"
             if marker.exists():
@@ -54,7 +54,7 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
 def test_progress_file_and_result(tmp_path: Path) -> None:
     pipeline = FakePipeline()
     manager = JobManager(pipeline, interval_s=0.0)
-    job = manager.start(tmp_path, {"run_dir": tmp_path})
+    job = manager.start(RunConfig(tmp_path))
     status = manager.wait(tmp_path, 10)
     assert job.result == "finished"
     assert status["state"] == "done" and status["stage"] == "scores"
@@ -66,8 +66,8 @@ def test_second_start_returns_running_job_and_other_process_sees_it(tmp_path: Pa
     pipeline = FakePipeline()
     pipeline.gate.clear()
     manager = JobManager(pipeline, interval_s=0.0)
-    first = manager.start(tmp_path, {"run_dir": tmp_path})
-    assert manager.start(tmp_path, {"run_dir": tmp_path}) is first
+    first = manager.start(RunConfig(tmp_path))
+    assert manager.start(RunConfig(tmp_path)) is first
     wait_for(lambda: (read_status(tmp_path) or {}).get("stage") == "data")
     # A different manager (another session's view) reads the same state from disk.
     assert JobManager(pipeline).status(tmp_path)["state"] == "running"
@@ -80,21 +80,21 @@ def test_cancel_then_resume_skips_cached_stages(tmp_path: Path) -> None:
     manager = JobManager(pipeline, interval_s=0.0)
     pipeline.gate.clear()
     (tmp_path / "data.done").write_text("ok")  # "data" finished in an earlier run
-    manager.start(tmp_path, {"run_dir": tmp_path})
+    manager.start(RunConfig(tmp_path))
     wait_for(lambda: (read_status(tmp_path) or {}).get("stage") == "features")
     assert manager.cancel(tmp_path)
     pipeline.gate.set()
     status = manager.wait(tmp_path, 10)
     assert status["state"] == "cancelled" and status["stage"] == "features" and status["finished"]
     assert not manager.cancel(tmp_path)
-    manager.start(tmp_path, {"run_dir": tmp_path})
+    manager.start(RunConfig(tmp_path))
     assert manager.wait(tmp_path, 10)["state"] == "done"
     assert pipeline.computed == ["features", "scores"]  # data came from the cache, features redone
 
 
 def test_failure_is_recorded(tmp_path: Path) -> None:
     manager = JobManager(FakePipeline(fail_at="features"), interval_s=0.0)
-    manager.start(tmp_path, {"run_dir": tmp_path})
+    manager.start(RunConfig(tmp_path))
     status = manager.wait(tmp_path, 10)
     assert status["state"] == "failed" and "boom in features" in status["error"]
     assert "RuntimeError" in status["traceback"]
@@ -114,7 +114,7 @@ def test_throttled_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(manager_module, "atomic_write_json",
                         lambda path, value: (writes.append(dict(value)), real(path, value)))
     manager = JobManager(FakePipeline(steps=200), interval_s=60.0)
-    manager.start(tmp_path, {"run_dir": tmp_path})
+    manager.start(RunConfig(tmp_path))
     assert manager.wait(tmp_path, 10)["state"] == "done"
     # start + (stage change + stage complete) per stage + finish, not one per step
     assert len(writes) <= 1 + 2 * len(STAGES) + 1
@@ -136,3 +136,22 @@ def test_app_command_and_default_run_folders(tmp_path: Path, monkeypatch: pytest
     mine = run_dir_for(tmp_path / "m.csv")
     assert mine.parent == tmp_path / "runs" and mine.name.startswith("m-")
     assert run_dir_for(tmp_path / "m.csv", model="other") != mine
+
+
+def test_a_job_records_its_config_and_is_resumed_with_it(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from ecif.config import FinetuneConfig
+    from ecif.jobs.launch import recorded_config
+    from ecif.run import Run
+
+    folder = tmp_path / "run"
+    config = RunConfig(folder, manifest=tmp_path / "m.csv", trusted_split="trusted",
+                       finetune=FinetuneConfig(delta=0.3, blocks=1))
+    manager = JobManager(FakePipeline(), interval_s=0.0)
+    manager.start(config)
+    assert manager.wait(folder, 10)["state"] == "done"
+    assert recorded_config(folder) == replace(config, run_dir=folder.resolve())  # from job.json
+    Run(folder).update_info(settings=replace(config, model="other").settings())
+    assert recorded_config(folder).model == "other"  # run.json, written by the pipeline, wins
+    assert recorded_config(tmp_path / "new") == RunConfig(tmp_path / "new")  # nothing recorded: the demo

@@ -4,18 +4,18 @@ import math
 
 import pytest
 import torch
+from maths_fixtures import toy_features
 
-from ecif.influence.objective import (
+from ecif.influence.scores import additive_set_gradient, edit_gradient, predicted_step
+from ecif.objective.contrastive import (
     ContrastiveData,
-    HeadsProblem,
+    ContrastiveProblem,
     HeadsScope,
     batch_logits,
     contrastive_sum,
     pair_terms,
     reference_batches,
 )
-from ecif.influence.scores import additive_set_gradient, edit_gradient, predicted_step
-from maths_fixtures import toy_features
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_group_removal_in_one_batch_is_not_additive_but_edit_is_exact(setup):
     additive = float(sum(terms["pos"][r] + terms["neg"][r] for r in batch))
     assert abs(additive - actual) > 1e-3  # shared denominators: sums of logs are not the log of sums (measured 3.3)
 
-    # The group (exact-removal) change of ECIF_METHOD §4, written out independently of the library:
+    # The group (exact-removal) change of docs/method.md §4, written out independently of the library:
     # the removed pairs' own terms, plus each remaining row/column losing log(1 − Σ_{n∈D*} P_kn).
     members = data.batches[0]
     slots = [members.tolist().index(r) for r in batch]
@@ -89,7 +89,7 @@ def test_group_removal_in_one_batch_is_not_additive_but_edit_is_exact(setup):
     # The library's group edit is the gradient of exactly that change (−∇ΔR with ΔR = −change/N),
     # and its predicted step (first order in the parameters) is one solve with it; the additive
     # gradient is not the same vector.
-    problem = HeadsProblem(scope, data, torch.zeros_like(theta), 1.0)
+    problem = ContrastiveProblem(scope, data, torch.zeros_like(theta), 1.0)
     group_gradient = torch.func.grad(group_removal)(theta) / data.normaliser
     edit = edit_gradient(problem, theta, batch)
     torch.testing.assert_close(edit, group_gradient, rtol=1e-10, atol=1e-12 * float(group_gradient.abs().max()))

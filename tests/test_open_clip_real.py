@@ -26,7 +26,7 @@ from ecif.influence.scores import gradient_of, influence_on
 from ecif.models import save_checkpoint
 from ecif.run import Run
 from ecif.tasks.engine import load_engine
-from ecif.tasks.evaluate import INFLUENCE_COLUMNS
+from ecif.influence.columns import INFLUENCE_COLUMNS
 from ecif.tasks.pipeline import load_run_model
 
 #: A ViT-B-32 checkpoint saved, its features computed at 224 px and its heads fine-tuned: about a

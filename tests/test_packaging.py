@@ -125,7 +125,7 @@ def test_wheel_ships_the_app_and_the_data_files(built) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "ecif_app/main.py" in names
     views = {f"ecif_app/views/{p.name}" for p in (REPO / "app" / "views").glob("*.py")}
-    assert "ecif_app/views/__init__.py" in views and "ecif_app/views/common.py" in views
+    assert "ecif_app/views/__init__.py" in views and "ecif_app/views/context.py" in views
     assert views <= names, sorted(views - names)
     # Every ecif package (discovered, not listed) and the architecture configs.
     packages = {f"{p.relative_to(source).as_posix()}" for p in (source / "ecif").rglob("__init__.py")}

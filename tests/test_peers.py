@@ -20,8 +20,8 @@ if str(REPO) not in sys.path:
 from maths_fixtures import make_toy  # noqa: E402
 
 from bench.peers import adapters  # noqa: E402
-from ecif.influence.objective import pair_terms  # noqa: E402
-from ecif.influence.test_functions import validation_loss  # noqa: E402
+from ecif.objective.contrastive import pair_terms  # noqa: E402
+from ecif.objective.measurements import validation_loss  # noqa: E402
 
 # kronfluence 1.0.1 still calls torch.cuda.amp.GradScaler (deprecated), even on CPU
 pytestmark = pytest.mark.filterwarnings("ignore:.*GradScaler.*:FutureWarning")
@@ -104,7 +104,8 @@ def test_baselines_orientation(toy):
 
 def test_trak_runs_on_cpu_and_tracks_influence(toy):
     pytest.importorskip("trak")
-    from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import build_solver
 
     problem, theta, validation = toy.problem, toy.theta, toy.validation
     matrix = adapters.trak_matrix(problem, theta, validation, proj_dim=16)
@@ -128,7 +129,8 @@ def test_trak_runs_on_cpu_and_tracks_influence(toy):
 
 def test_kronfluence_ekfac_tracks_gauss_newton_pos_only(toy):
     pytest.importorskip("kronfluence")
-    from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import build_solver
 
     problem, theta, validation = toy.problem, toy.theta, toy.validation
     scores = adapters.kronfluence_ekfac(problem, theta, validation, batch_size=16)

@@ -26,7 +26,7 @@ def test_scores_table_has_every_column_and_the_sign_convention(run):
     train = run.manifest().query("split == 'train'")
     assert len(scores) == len(train)
     for column in ("row", "uid", "caption", "influence", "influence_pos", "influence_neg", "influence_first_order",
-                   "influence_pos_only", "self_influence", "self_influence_first_order", "clip_score", "loss", "rank",
+                   "influence_neg_first_order", "self_influence", "self_influence_first_order", "clip_score", "loss", "rank",
                    "suggested_action",
                    "corrupted", "original_caption"):
         assert column in scores.columns, column
@@ -86,7 +86,8 @@ def test_planted_misaligned_pairs_are_found(run):
 
 
 def test_scores_made_before_a_new_column_existed_are_refilled(run):
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.config import RunConfig
+    from ecif.tasks.pipeline import run_pipeline
 
     stages = run.info["stages"]
     stages["scores"]["columns"] = [c for c in stages["scores"]["columns"] if c != "self_influence_first_order"]
@@ -251,8 +252,8 @@ def test_relabel_is_predicted_with_the_new_caption(run):
 def test_refined_removal_effect_closes_the_nonlinear_gap_of_memorised_pairs(run):
     """At the auto δ the single-pair response of the largest-self-influence pairs bends; two Newton
     steps on the reduced objective track actual retraining (bench/results/fidelity.md)."""
+    from ecif.finetune import finetune_heads
     from ecif.influence.scores import reduced_problem, refined_removal_effect
-    from ecif.models.heads import finetune_heads
     from ecif.tasks.engine import load_engine
 
     engine = load_engine(run)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from ecif.curvature.solvers import CurvatureConfig, KroneckerSolver, build_solver
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
+from ecif.config import CurvatureConfig, FinetuneConfig
+from ecif.curvature.solvers import KroneckerSolver, build_solver
+from ecif.finetune import finetune_heads
 from ecif.influence.scores import gradient_of, influence_on, self_influence
 from ecif.influence.streaming import (
     FeatureStore,
@@ -20,8 +21,8 @@ from ecif.influence.streaming import (
     write_feature_store,
 )
 from ecif.influence.synthetic import toy_features
-from ecif.influence.test_functions import validation_loss
-from ecif.models.heads import FinetuneConfig, finetune_heads
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, reference_batches
+from ecif.objective.measurements import validation_loss
 
 
 def synthetic_store(directory, shard_rows, image_dim=12, text_dim=10) -> FeatureStore:
@@ -29,7 +30,7 @@ def synthetic_store(directory, shard_rows, image_dim=12, text_dim=10) -> Feature
     return write_feature_store(directory, ((i.numpy(), t.numpy()) for i, t in shards))
 
 
-def in_memory_problem(store: FeatureStore, scope: HeadsScope, theta0: torch.Tensor, config: StreamingConfig) -> HeadsProblem:
+def in_memory_problem(store: FeatureStore, scope: HeadsScope, theta0: torch.Tensor, config: StreamingConfig) -> ContrastiveProblem:
     """The whole store as one ContrastiveData with the streamed path's per-shard batching."""
     images, texts, batches, offset = [], [], [], 0
     for shard, rows in enumerate(store.shard_rows):
@@ -39,7 +40,7 @@ def in_memory_problem(store: FeatureStore, scope: HeadsScope, theta0: torch.Tens
         batches += [batch + offset for batch in reference_batches(rows, config.batch_size, config.seed + shard)]
         offset += rows
     data = ContrastiveData(torch.cat(images), torch.cat(texts), batches)
-    return HeadsProblem(scope, data, theta0, config.delta)
+    return ContrastiveProblem(scope, data, theta0, config.delta)
 
 
 def trusted_set(image_dim=12, text_dim=10) -> ContrastiveData:

@@ -21,8 +21,9 @@ from ecif.run import Run
 @pytest.fixture(scope="module")
 def unlabelled_run(scored_demo_run, tmp_path_factory) -> Run:
     """A slice of the shared demo with the label column and classes.json removed, scored with its trained model."""
+    from ecif.config import RunConfig
     from ecif.data.manifest import write_manifest_subset
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.tasks.pipeline import run_pipeline
 
     demo = Run(scored_demo_run)
     root = tmp_path_factory.mktemp("unlabelled")
@@ -134,8 +135,9 @@ def test_items_without_a_label_in_a_labelled_run_are_asked_for_their_caption(sco
 
 
 def test_a_run_scored_before_retrieval_items_gets_them_when_scored_again(unlabelled_run):
+    from ecif.config import RunConfig
     from ecif.run import atomic_write_parquet
-    from ecif.tasks.pipeline import RunConfig, run_pipeline
+    from ecif.tasks.pipeline import run_pipeline
 
     path = unlabelled_run.path("mispredictions.parquet")
     before = pd.read_parquet(path)

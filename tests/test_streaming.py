@@ -20,16 +20,17 @@ import pandas as pd
 import pytest
 import torch
 from fixtures_data import TINY_COLOURS, write_png
+from PIL import Image
 from test_features import _count_encoded_images
 from test_ray_scoring import in_memory_problem, small_heads, synthetic_store, trusted_set
-from PIL import Image
 
 import ecif.models.features as features_module
+from ecif.config import FinetuneConfig, StreamingConfig
 from ecif.data import ManifestError, iter_manifest_chunks, load_manifest, make_thumbnails, open_image
 from ecif.data.images import member_reference
-from ecif.influence.streaming import NotAMinimiser, StreamingConfig, read_scores, score_store, write_feature_store
+from ecif.finetune import finetune_heads
+from ecif.influence.streaming import NotAMinimiser, read_scores, score_store, write_feature_store
 from ecif.models import LoadedModel, compute_features, iter_chunk_features, load_model
-from ecif.models.heads import FinetuneConfig, finetune_heads
 from ecif.progress import Reporter
 from ecif.run import MANIFEST_FILE, Run, atomic_write_parquet
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import streamlit as st
+from views.context import Context
 
 from ecif.curation.export import FORMATS, export_run
-
-from views.common import Context
 
 DOWNLOAD_LIMIT_BYTES = 200 * 2**20
 
@@ -24,8 +21,7 @@ def render(ctx: Context) -> None:
                                  "view": f"Exactly this view ({len(view_rows)} pairs; dropped ones "
                                          "left out)"}.get)
     formats = st.multiselect("Formats", FORMATS, default=["csv", "jsonl", "parquet"], key="export_formats")
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out_dir = st.text_input("Export folder", str(ctx.run.path("exports") / stamp), key="export_dir")
+    out_dir = st.text_input("Export folder", str(ctx.run.export_dir()), key="export_dir")
     st.caption("Each split in its own files: train.FORMAT (the training pairs only), val.FORMAT and "
                "test.FORMAT, and train_uids.txt, val_uids.txt, test_uids.txt (sorted uids). Always "
                "written too: decisions.csv (every decision), run.json "

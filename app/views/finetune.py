@@ -21,7 +21,7 @@ def summary(run: Run) -> None:
     report = run.finetune_report()
     if report is None:
         return
-    from ecif.models.heads import sweep_verdict  # imports torch: only once a run has been fine-tuned
+    from ecif.finetune import sweep_verdict  # imports torch: only once a run has been fine-tuned
     selection = report.get("delta_selection")
     how = (f"chosen on {selection['selection_pairs']} held-out trusted pairs (influence is measured on the rest)"
            if selection else "as set")

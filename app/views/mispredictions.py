@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
-
-from ecif.curation.review import actionable_rows
-from ecif.run import MISPREDICTIONS_FILE
-from ecif.tasks.trace import parse_confusion
-
-from views.common import ENGINE_SPINNER, Context, act, card_grid, engine_call, read_frame
+from views import data
+from views.actions import act
+from views.cards import card_grid
+from views.context import Context
 from views.finetune import not_converged_notice
+
+import ecif
+from ecif.curation.review import actionable_rows
+from ecif.tasks.trace import parse_confusion
 
 RANKINGS = {"total effect (both roles)": "total", "positive role only (own caption)": "positive"}
 
 
 def render(ctx: Context) -> None:
     st.header("Mispredictions")
-    items = read_frame(ctx.run, MISPREDICTIONS_FILE)
+    items = data.mispredictions(ctx.run)
     if items is None or not ctx.scored:
         st.info("Not available yet: the run has no mispredictions table (its scoring has not reached that stage).")
         return
@@ -58,12 +60,8 @@ def render(ctx: Context) -> None:
         help="Divide each pair's effect by the size of its own parameter step, so that a few high-leverage "
              "pairs do not top every item. Off: the raw predicted change of this item's loss, which ranks "
              "mislabelled pairs (large steps) higher.")
-    trace = engine_call("trace")
-    if trace is None:
-        st.warning("The engine's `ecif.trace` is not available in this installation.")
-        return
-    with st.spinner(ENGINE_SPINNER.format(name="trace")):
-        found = trace(ctx.run, uids, top_k=int(top_k), relative=relative, rank_by=RANKINGS[ranking])
+    with st.spinner(data.ENGINE_SPINNER.format(name="trace")):
+        found = ecif.trace(ctx.run, uids, top_k=int(top_k), relative=relative, rank_by=RANKINGS[ranking])
     whose = "this item's" if len(uids) == 1 else f"these {len(uids)} items' mean"
     st.caption(f"Bars: each pair's effect on **{whose}** loss if it were removed, through its own caption "
                "(pos) and as a negative in the softmax of its batch (neg); red = removing it would lower the "
@@ -88,15 +86,14 @@ def _drop_culprits(ctx: Context, uids: list[str], rows: list[int]) -> None:
     """One action for the culprits shown, with the predicted effect on the traced items first."""
     pending = actionable_rows(ctx.table.loc[rows], "drop")
     with st.popover(f"Drop these culprits · {len(pending)} pairs", disabled=not pending):
-        predict_items = engine_call("predict_items")
         key = (tuple(uids), tuple(pending))
         # name, re-fine-tune?, button, how the answer was obtained
         methods = (("closed", False, "Predict the effect on the traced items", "Closed form"),
                    ("refit", True, "Verify by re-fine-tuning", "Re-fine-tuned"))
         for column, (name, refit, label, _) in zip(st.columns(2), methods):
-            if predict_items is not None and column.button(label, key=f"mp_effect_{name}"):
-                with st.spinner(ENGINE_SPINNER.format(name="predict_items")):
-                    st.session_state[f"mp_outcome_{name}"] = (key, predict_items(ctx.run, uids, drop_rows=pending, refit=refit))
+            if column.button(label, key=f"mp_effect_{name}"):
+                with st.spinner(data.ENGINE_SPINNER.format(name="predict_items")):
+                    st.session_state[f"mp_outcome_{name}"] = (key, ecif.predict_items(ctx.run, uids, drop_rows=pending, refit=refit))
         for name, _, _, method in methods:
             stored = st.session_state.get(f"mp_outcome_{name}")
             if stored is None or stored[0] != key:
@@ -115,9 +112,8 @@ def _drop_culprits(ctx: Context, uids: list[str], rows: list[int]) -> None:
 
 def _chosen_target(ctx: Context, items):
     """The item (``?item=uid``) or confusion (``?confusion=true:predicted``) to trace, drawn; ``(uids, column)``."""
-    confusions, confusion_items = engine_call("confusions"), engine_call("confusion_items")
-    counts = confusions(ctx.run, items) if confusions is not None else None
-    if counts is not None and len(counts):
+    counts = ecif.confusions(ctx.run, items)
+    if len(counts):
         labels = {f"{c.label}:{c.predicted}": f"{c.label} → {c.predicted} ({plural(c.mistakes, 'item')})"
                   for c in counts.itertuples()}
 
@@ -140,10 +136,10 @@ def _chosen_target(ctx: Context, items):
             key="mp_confusion", on_change=confusion_picked, format_func=lambda key: "—" if key is None else labels[key],
             help="The culprits of these items' mean loss: the pairs behind the pattern rather than behind one item's quirks.")
     confusion = st.query_params.get("confusion")
-    if confusion is not None and confusion_items is not None:
+    if confusion is not None:
         try:
             label, predicted = parse_confusion(confusion)
-            uids = confusion_items(ctx.run, label, predicted, items)
+            uids = ecif.confusion_items(ctx.run, label, predicted, items)
         except ValueError as error:
             st.warning(str(error))
             return None

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pandas as pd
 import plotly.express as px
 import streamlit as st
+from views.context import Context
 
 from ecif.curation.review import score_columns
 from ecif.index.projection import embedding_map
 from ecif.tasks.detect import SUSPICION, detection_report, precision_recall
-
-from views.common import Context
 
 
 def _select_rows(rows: list[int]) -> None:

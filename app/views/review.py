@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
+from views.actions import act, open_pair, undo
+from views.cards import STATUS_ICONS, card_grid, harm_bar, influence_scale, readable
+from views.context import Context
+from views.data import neighbour_index
+from views.filters import first_page
+from views.finetune import not_converged_notice
 
 from ecif.curation.review import actionable_rows, adjacent_row, score_summary
 from ecif.index.neighbours import NeighbourIndex, suggest_caption
-
-from views.finetune import not_converged_notice
-from views.common import (STATUS_ICONS, Context, act, card_grid, first_page, harm_bar,
-                          influence_scale, neighbour_index, open_pair, readable, undo)
 
 KEYS = {
     "a": "accept", "d": "drop", "e": "relabel with the text in the box",

@@ -3,7 +3,7 @@
 Benchmark code only: ``ecif`` never imports this package, and the peers' libraries (``traker``,
 ``kronfluence``) are installed by the ``bench`` extra (``pip install -e '.[bench]'``), not by ``.[dev]``.
 
-Every method scores every training pair of a heads-scope :class:`ecif.influence.objective.HeadsProblem`
+Every method scores every training pair of a heads-scope :class:`ecif.objective.contrastive.ContrastiveProblem`
 at its fine-tuned ``θ̂`` with the same signature ``score(problem, theta, validation, **options) -> [N]``
 (rows in the problem's row order).  Sign convention, the same as ECIF's:
 

@@ -18,28 +18,27 @@ say "not run" in the output.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.common import (  # noqa: E402
-    default_work_dir,
+from bench.common import (
+    add_common_arguments,
+    argument_parser,
+    demo_settings,
     log,
-    machine_info,
     machine_markdown,
     markdown_table,
-    scored_demo_run,
     publish,
+    recorded_settings,
+    scored_demo_run,
+    start,
+    work_dir,
 )
-from bench.peers.adapters import METHODS  # noqa: E402
+from bench.peers.adapters import METHODS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--run", type=Path, action="append", default=[], help="a scored ecif run folder (repeatable)")
     parser.add_argument("--toy", type=int, default=None, help="use a synthetic heads problem with this many training pairs")
     parser.add_argument("--toy-flip", type=float, default=0.1, help="toy: fraction of flipped captions")
@@ -57,11 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trak-proj-dim", type=int, default=None, help="TRAK JL dimension (default min(2048, N/2))")
     parser.add_argument("--kron-batch-size", type=int, default=64)
     parser.add_argument("--kron-damping", type=float, default=-1.0, help="kronfluence damping; -1 = the run's δ + 1e-4")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None, help="where NAME.json/.md go; default bench/results")
-    parser.add_argument("--name", default="peers")
+    add_common_arguments(parser, threads=1, name="peers")
     return parser.parse_args(argv)
 
 
@@ -74,14 +69,12 @@ def settings_of(args):
         yield lambda run=run: settings.from_run(run)
     specs = []
     if args.settings:
-        for item in args.settings.split(","):
-            name, noise, corruption = item.strip().split(":")
-            specs.append((name, float(noise), corruption))
+        specs = demo_settings(args.settings)
     elif not args.toy and not args.run:
-        specs.append(("shapes", 0.1, "random-caption"))
+        specs = [("shapes", 0.1, "random-caption")]
     for name, noise, corruption in specs:
         def build(name=name, noise=noise, corruption=corruption):
-            run = scored_demo_run(args.work or default_work_dir(), name, args.n, noise, corruption, args.seed)
+            run = scored_demo_run(work_dir(args), name, args.n, noise, corruption, args.seed)
             return settings.from_run(run.directory)
         yield build
 
@@ -191,14 +184,11 @@ def render(args, machine, evaluated: list[dict], failures: list[str]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
+    machine = start(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    machine = machine_info()
     started = time.perf_counter()
     evaluated, failures = [], []
     for position, build in enumerate(settings_of(args)):
@@ -208,7 +198,7 @@ def main(argv=None) -> dict:
             log(f"setting FAILED: {type(error).__name__}: {error}")
             failures.append(f"{type(error).__name__}: {error}")
     markdown = render(args, machine, evaluated, failures)
-    payload = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    payload = {"settings": recorded_settings(args),
                "machine": machine, "results": evaluated, "failures": failures,
                "seconds": time.perf_counter() - started, "markdown": markdown}
     publish(args.name, payload, markdown, args.results)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, batch_logits, batch_pair_terms
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, batch_logits, batch_pair_terms
 
 Part = Literal["pos", "neg", "neg_first_order"]
 PARTS: tuple[Part, ...] = ("pos", "neg", "neg_first_order")
@@ -87,7 +87,7 @@ def target_gradients(scope: HeadsScope, theta: Tensor, validation: ContrastiveDa
 def phi_gradient(scope: HeadsScope, theta: Tensor, validation: ContrastiveData) -> Tensor:
     """``∇φ [P]`` of the trusted-set contrastive loss (via ecif's own test function)."""
     from ecif.influence.scores import gradient_of
-    from ecif.influence.test_functions import validation_loss
+    from ecif.objective.measurements import validation_loss
 
     return gradient_of(validation_loss(scope, validation), theta)
 
@@ -95,14 +95,15 @@ def phi_gradient(scope: HeadsScope, theta: Tensor, validation: ContrastiveData) 
 # --- ECIF (ours), through ecif's own functions ------------------------------------------------------------
 
 
-def default_solver(problem: HeadsProblem, theta: Tensor, damping: float = 1e-4, kind: str = "hessian"):
+def default_solver(problem: ContrastiveProblem, theta: Tensor, damping: float = 1e-4, kind: str = "hessian"):
     """ECIF's dense reference solver ``(H + λI)`` (the run's stored solver is used by the runner instead)."""
-    from ecif.curvature.solvers import CurvatureConfig, build_solver
+    from ecif.config import CurvatureConfig
+    from ecif.curvature.solvers import build_solver
 
     return build_solver(problem, theta, CurvatureConfig(solver="dense", kind=kind, damping=damping))
 
 
-def _influence(problem: HeadsProblem, theta: Tensor, validation: ContrastiveData, solver=None, damping: float = 1e-4):
+def _influence(problem: ContrastiveProblem, theta: Tensor, validation: ContrastiveData, solver=None, damping: float = 1e-4):
     from ecif.influence.scores import influence_on
 
     solver = solver if solver is not None else default_solver(problem, theta, damping)
@@ -124,7 +125,7 @@ def pos_only(problem, theta, validation, solver=None, damping: float = 1e-4) -> 
     return _influence(problem, theta, validation, solver, damping).influence_pos
 
 
-def ekfac_solver(problem: HeadsProblem, theta: Tensor, damping: float = 1e-4):
+def ekfac_solver(problem: ContrastiveProblem, theta: Tensor, damping: float = 1e-4):
     """ECIF's Kronecker-factored curvature (EK-FAC of the two heads), built from scratch."""
     from ecif.curvature.solvers import KroneckerSolver
 
@@ -191,7 +192,7 @@ def tracin_self(problem, theta, validation=None) -> np.ndarray:
 
 def clip_score(problem, theta, validation=None) -> np.ndarray:
     """CLIP-score: cosine of each pair's image and caption under the heads (ecif ``clip_scores``); low = suspicious."""
-    from ecif.influence.objective import clip_scores
+    from ecif.objective.contrastive import clip_scores
 
     with torch.no_grad():
         return clip_scores(problem.scope, theta, problem.data.image, problem.data.text).numpy()
@@ -199,7 +200,7 @@ def clip_score(problem, theta, validation=None) -> np.ndarray:
 
 def pair_loss(problem, theta, validation=None) -> np.ndarray:
     """The pair's own contrastive loss ``a_n + b_n`` in its batch (ecif ``pair_losses``); high = suspicious."""
-    from ecif.influence.objective import pair_losses
+    from ecif.objective.contrastive import pair_losses
 
     with torch.no_grad():
         return pair_losses(problem.scope, theta, problem.data).numpy()

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bench.peers.trak_adapter import HeadsModule
-from ecif.influence.objective import ContrastiveData, HeadsProblem, mask_logits
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, mask_logits
 
 
 class HeadsLogits(HeadsModule):
@@ -112,7 +112,7 @@ def _pair_task():
 
 
 def kronfluence_matrix(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta: torch.Tensor,
     validation: ContrastiveData,
     damping: float | None = -1.0,

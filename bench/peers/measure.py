@@ -160,7 +160,7 @@ def detection(setting: PeerSetting, results: dict[str, dict], k: int = 50) -> li
 
 def retrain(setting: PeerSetting, drop_rows, tolerance: float) -> tuple[torch.Tensor, dict]:
     from ecif.influence.scores import reduced_problem
-    from ecif.models.heads import finetune_heads
+    from ecif.finetune import finetune_heads
 
     config = dataclasses.replace(setting.finetune, gradient_tolerance=tolerance)
     started = time.perf_counter()
@@ -217,7 +217,7 @@ def leave_one_out(setting: PeerSetting, results: dict[str, dict], removals: int,
 
 def target_losses(setting: PeerSetting, theta: torch.Tensor) -> np.ndarray:
     """``φ_j(θ)`` ``[T]``: each validation pair's own terms in its validation batch (``φ = mean``)."""
-    from ecif.influence.objective import pair_losses
+    from ecif.objective.contrastive import pair_losses
 
     with torch.no_grad():
         return pair_losses(setting.problem.scope, theta, setting.validation).numpy()

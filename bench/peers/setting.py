@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, reference_batches
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, reference_batches
 from ecif.influence.synthetic import toy_features
-from ecif.models.heads import FinetuneConfig
+from ecif.config import FinetuneConfig
 
 
 @dataclass
 class PeerSetting:
     name: str
-    problem: HeadsProblem
+    problem: ContrastiveProblem
     theta: Tensor
     validation: ContrastiveData
     corrupted: np.ndarray | None  # [N] bool, planted ground truth (None: unknown)
@@ -43,7 +43,7 @@ class PeerSetting:
         return self._solver
 
     def phi(self, theta: Tensor) -> float:
-        from ecif.influence.objective import contrastive_loss
+        from ecif.objective.contrastive import contrastive_loss
 
         with torch.no_grad():
             return float(contrastive_loss(self.problem.scope, theta, self.validation))
@@ -51,7 +51,7 @@ class PeerSetting:
 
 def from_run(run_dir: str | Path) -> PeerSetting:
     """A scored (or at least fine-tuned) ecif run: its problem, ``θ̂``, trusted split and stored solver."""
-    from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy
+    from ecif.objective.measurements import retrieval_accuracy, zero_shot_accuracy
     from ecif.tasks.engine import load_engine, split_rows
 
     engine = load_engine(run_dir)
@@ -96,8 +96,8 @@ def from_run(run_dir: str | Path) -> PeerSetting:
 def toy(n: int = 200, batch_size: int = 10, flip: float = 0.1, delta: float = 1.0, seed: int = 0,
         image_dim: int = 12, text_dim: int = 10, embed_dim: int = 6, classes: int = 5) -> PeerSetting:
     """A synthetic heads problem fine-tuned to its minimiser (``flip`` of the captions point at another class)."""
-    from ecif.influence.test_functions import retrieval_accuracy
-    from ecif.models.heads import finetune_heads
+    from ecif.objective.measurements import retrieval_accuracy
+    from ecif.finetune import finetune_heads
 
     from bench.peers.adapters import default_solver
 
@@ -107,7 +107,7 @@ def toy(n: int = 200, batch_size: int = 10, flip: float = 0.1, delta: float = 1.
     scope = HeadsScope(image_dim, text_dim, embed_dim, math.log(10.0), False)
     theta0 = torch.randn(scope.size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     data = ContrastiveData(image, text, reference_batches(n, batch_size))
-    problem = HeadsProblem(scope, data, theta0, delta)
+    problem = ContrastiveProblem(scope, data, theta0, delta)
     config = FinetuneConfig(delta=delta, batch_size=batch_size)
     theta, report = finetune_heads(problem, config=config)
     validation = ContrastiveData(val_image, val_text, reference_batches(val_image.shape[0], batch_size))

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, embed
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, embed
 
 
 class HeadsModule(nn.Module):
@@ -88,7 +88,7 @@ def _clip_model_output():
 
 
 def trak_matrix(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta: torch.Tensor,
     validation: ContrastiveData,
     proj_dim: int | None = None,

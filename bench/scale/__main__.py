@@ -21,24 +21,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.common import RESULTS_DIR, default_work_dir, log, machine_info, machine_markdown, markdown_table, publish  # noqa: E402
-from bench.scale.measure import IMAGE_DIM, TEXT_DIM  # noqa: E402
+from bench.common import REPO, add_common_arguments, argument_parser, log, machine_info, machine_markdown, markdown_table, publish, results_folder, work_dir
+from bench.scale.measure import IMAGE_DIM, TEXT_DIM
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--quick", action="store_true", help="N = 2k, 10k, 20k")
     parser.add_argument("--sizes", default=None, help="comma-separated N (multiples of --shard-rows)")
     parser.add_argument("--modes", default="local,ray", help="local, ray or both")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (CPUs of the local Ray instance)")
     parser.add_argument("--shard-rows", type=int, default=5000, help="pairs per shard = per chunk of work")
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--name", default="scale")
+    add_common_arguments(parser, seed=False, threads=None, name="scale")
     return parser.parse_args(argv)
 
 
@@ -68,7 +62,13 @@ def synthetic_store(directory: Path, n_shards: int, shard_rows: int):
 def measure(store_dir: Path, shards: int, mode: str, workers: int, out: Path) -> dict:
     command = [sys.executable, "-m", "bench.scale.measure", "--store", str(store_dir), "--shards", str(shards),
                "--mode", mode, "--workers", str(workers), "--out", str(out)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return in_fresh_process(command)
+
+
+def in_fresh_process(command: list[str], **environment: str) -> dict:
+    """Run one measurement (``python -m bench.scale...``) in a fresh process from the repository root, on one
+    OpenMP thread (plus ``environment``), and return the JSON line it printed last."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **environment}
     done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     shard_rows = min(args.shard_rows, min(sizes)) if args.quick else args.shard_rows
     if any(n % shard_rows for n in sizes):
         raise SystemExit(f"every N must be a multiple of --shard-rows {shard_rows}")
-    work = args.work or default_work_dir()
+    work = work_dir(args)
     store_dir = work / f"scale-vitb32-{shard_rows}"
     store = synthetic_store(store_dir, max(sizes) // shard_rows, shard_rows)
     info = machine_info()
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
         ])
     headers = ["N", "mode", "EK-FAC s", "scores s", "total s", "pairs/s", "time ÷ linear",
                "driver peak MiB", "worker peak MiB", "peak ÷ smallest N"]
-    png = (args.results or RESULTS_DIR) / f"{args.name}.png"
+    png = results_folder(args.results) / f"{args.name}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, png)
     markdown = "\n\n".join([

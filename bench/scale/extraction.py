@@ -16,32 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.common import RESULTS_DIR, default_work_dir, log, machine_info, machine_markdown, markdown_table, publish  # noqa: E402
-from bench.scale.__main__ import peak_mib, plot  # noqa: E402
-from bench.scale.measure import worker_peaks_mib  # noqa: E402
+from bench.common import add_common_arguments, argument_parser, log, machine_info, machine_markdown, markdown_table, publish, results_folder, work_dir
+from bench.scale.__main__ import in_fresh_process, peak_mib, plot
+from bench.scale.measure import worker_peaks_mib
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated N (multiples of --chunk-rows)")
     parser.add_argument("--modes", default="local,ray", help="local, ray or both")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (CPUs of the local Ray instance)")
     parser.add_argument("--chunk-rows", type=int, default=5000, help="manifest rows per parquet shard = per chunk of work")
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--name", default="scale-extraction")
+    add_common_arguments(parser, seed=False, threads=None, name="scale-extraction")
     parser.add_argument("--measure", nargs=3, metavar=("MANIFEST", "CHECKPOINT", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -115,12 +107,10 @@ def measure(manifest: Path, checkpoint: Path, mode: str, workers: int, work: Pat
     shutil.rmtree(cache, ignore_errors=True)
     command = [sys.executable, "-m", "bench.scale.extraction", "--measure", str(manifest), str(checkpoint), mode,
                "--workers", str(workers), "--out", str(work / f"extraction-store-{mode}")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ECIF_CACHE": str(cache)}
-    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return in_fresh_process(command, ECIF_CACHE=str(cache))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def main(argv=None) -> None:
@@ -132,7 +122,7 @@ def main(argv=None) -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     if any(n % args.chunk_rows for n in sizes):
         raise SystemExit(f"every N must be a multiple of --chunk-rows {args.chunk_rows}")
-    work = args.work or default_work_dir()
+    work = work_dir(args)
     checkpoint = demo_checkpoint(work)
     info = machine_info()
     rows = []
@@ -160,7 +150,7 @@ def main(argv=None) -> None:
         ])
     headers = ["N", "mode", "total s", "pairs/s", "time ÷ linear", "speed-up vs local", "driver peak MiB",
                "worker peak MiB", "peak ÷ smallest N"]
-    png = (args.results or RESULTS_DIR) / f"{args.name}.png"
+    png = results_folder(args.results) / f"{args.name}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, png, "extraction")
     markdown = "\n\n".join([

@@ -8,24 +8,20 @@ process and, under Ray, of each Ray worker process (``VmHWM`` of every ``ray::``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from ecif.influence.objective import ContrastiveData, HeadsScope, reference_batches  # noqa: E402
-from ecif.influence.streaming import FeatureStore, LocalExecutor, RayExecutor, StreamingConfig, score_store  # noqa: E402
-from ecif.influence.synthetic import toy_features  # noqa: E402
+from bench.common import argument_parser
+from ecif.config import StreamingConfig
+from ecif.influence.streaming import FeatureStore, LocalExecutor, RayExecutor, score_store
+from ecif.influence.synthetic import toy_features
+from ecif.objective.contrastive import ContrastiveData, HeadsScope, reference_batches
 
 IMAGE_DIM, TEXT_DIM, EMBED_DIM = 768, 512, 512  # ViT-B/32: visual width, text width, embedding
 TRUSTED_PAIRS = 2000
@@ -66,7 +62,7 @@ def worker_peaks_mib() -> list[float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--shards", type=int, required=True, help="score the first K shards")
     parser.add_argument("--mode", choices=["local", "ray"], required=True)

@@ -43,7 +43,7 @@ from ecif.index.neighbours import (MODALITIES, IndexConfig, embeddings_source, l
                                    write_index_folder)
 from ecif.paths import file_sha256
 from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, Run, atomic_write_bytes, atomic_write_json
-from ecif.tasks.clean import EDITED_CHECKPOINT, EDITED_DIR
+from ecif.tasks.edit import EDITED_CHECKPOINT, EDITED_DIR
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 SPLITS = ("train", "val", "test")

@@ -8,8 +8,6 @@ one on first request at the same path, so it also works on a run whose thumbnail
 
 from __future__ import annotations
 
-import os
-import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import ImageOps
 from ecif.data.images import open_image
 from ecif.data.thumbnails import JPEG_QUALITY
 from ecif.data.thumbnails import thumbnail_path as stage_thumbnail_path
-from ecif.run import Run
+from ecif.run import Run, atomic_write_with
 
 THUMB_SIZE = 128  # the thumbnail stage's default, so both kinds look alike
 
@@ -32,9 +30,6 @@ def thumbnail_path(run: Run, row: int, filepath: str | Path) -> Path:
         buffer = BytesIO()
         small.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         # A regenerable cache file: rename for atomicity, no fsync (it cost more than the encode).
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Unique per thread: the pipeline's thumbnail stage may be writing the same file right now.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        temporary.write_bytes(buffer.getvalue())
-        os.replace(temporary, path)
+        # Unique per thread (atomic_write_with): the pipeline's thumbnail stage may be writing the same file now.
+        atomic_write_with(path, lambda temporary: temporary.write_bytes(buffer.getvalue()))
     return path

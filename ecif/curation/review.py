@@ -17,7 +17,7 @@ import pandas as pd
 from ecif.curation.store import STATUSES, Action, DecisionStore, Target
 from ecif.paths import text_sha256
 from ecif.run import DECISIONS_FILE, Run
-from ecif.tasks.detect import SUSPICION
+from ecif.influence.columns import SUSPICION
 
 def score_columns(table: pd.DataFrame) -> list[str]:
     """The score columns of ``scores.parquet`` present in ``table``, in a stable order (the keys of

@@ -1,4 +1,4 @@
-"""Curvature-vector products of ``R`` (ECIF_METHOD §5): exact Hessian and Gauss–Newton.
+"""Curvature-vector products of ``R`` (docs/method.md §5): exact Hessian and Gauss–Newton.
 
 Both are matrix-free: ``product(problem, theta)`` returns a function ``v [P] → C v [P]`` that also
 works under ``torch.func.vmap`` (many vectors at once), which is how the dense matrix is assembled.
@@ -8,21 +8,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from ecif.influence.objective import HeadsProblem, HeadsScope, chunk_logits, mask_logits, positive_terms
+from ecif.config import CurvatureKind
+from ecif.objective.contrastive import (
+    ContrastiveProblem,
+    HeadsScope,
+    chunk_logits,
+    logits_from_projections,
+    mask_logits,
+    positive_terms,
+)
 from ecif.progress import Reporter, as_reporter
 
-CurvatureKind = Literal["hessian", "ggn"]
 Product = Callable[[Tensor], Tensor]
 
 
-def hessian_product(problem: HeadsProblem, theta: Tensor) -> Product:
+def hessian_product(problem: ContrastiveProblem, theta: Tensor) -> Product:
     """``v ↦ ∇²R(θ) v`` by forward-over-reverse differentiation (exact, possibly indefinite)."""
     gradient = grad(problem.objective)
 
@@ -45,7 +51,7 @@ def _logit_hessian_product(logits: Tensor, tangent: Tensor) -> Tensor:
     return row_part + col_part
 
 
-def gauss_newton_product(problem: HeadsProblem, theta: Tensor) -> Product:
+def gauss_newton_product(problem: ContrastiveProblem, theta: Tensor) -> Product:
     """``v ↦ (Jᵀ ∇²_S L J + δI) v`` with ``J = ∂S/∂θ`` per batch: positive semi-definite (+δ)."""
     scope, data = problem.scope, problem.data
 
@@ -65,7 +71,7 @@ def gauss_newton_product(problem: HeadsProblem, theta: Tensor) -> Product:
     return product
 
 
-def curvature_product(problem: HeadsProblem, theta: Tensor, kind: CurvatureKind = "hessian") -> Product:
+def curvature_product(problem: ContrastiveProblem, theta: Tensor, kind: CurvatureKind = "hessian") -> Product:
     if kind == "hessian":
         return hessian_product(problem, theta)
     if kind == "ggn":
@@ -74,7 +80,7 @@ def curvature_product(problem: HeadsProblem, theta: Tensor, kind: CurvatureKind 
 
 
 def dense_curvature(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta: Tensor,
     kind: CurvatureKind = "hessian",
     reporter: Reporter | None = None,
@@ -125,7 +131,7 @@ def dense_curvature(
     return 0.5 * (matrix + matrix.T)
 
 
-def _dense_by_products(problem: HeadsProblem, theta: Tensor, kind: CurvatureKind, reporter: Reporter, columns: int = 64) -> Tensor:
+def _dense_by_products(problem: ContrastiveProblem, theta: Tensor, kind: CurvatureKind, reporter: Reporter, columns: int = 64) -> Tensor:
     """The curvature matrix as ``P`` curvature-vector products, ``columns`` at a time (any scope; the
     reference for small blocks scopes, where no closed form in embedding space applies)."""
     product = vmap(curvature_product(problem, theta, kind))
@@ -149,7 +155,7 @@ def _scale_column(z_image: Tensor, z_text: Tensor, log_scale: Tensor, kind: Curv
     def logits_of(values: Tensor) -> Tensor:
         image = values[: batch * embed_dim].reshape(batch, embed_dim)
         text = values[batch * embed_dim : 2 * batch * embed_dim].reshape(batch, embed_dim)
-        return _logits_from_projections(image, text, values[-1])
+        return logits_from_projections(image, text, values[-1])
 
     if kind == "hessian":
         return jvp(grad(lambda values: positive_terms(logits_of(values)).sum()), (flat,), (direction,))[1]
@@ -223,12 +229,6 @@ def _embedding_curvature(
             ) / norm[:, None, None] ** 2
             block += torch.einsum("ik,iab->iakb", eye_batch, second)
     return image_image, image_text, text_text
-
-
-def _logits_from_projections(z_image: Tensor, z_text: Tensor, log_scale: Tensor) -> Tensor:
-    u = torch.nn.functional.normalize(z_image, dim=-1)
-    v = torch.nn.functional.normalize(z_text, dim=-1)
-    return log_scale.exp() * (u @ v.T)
 
 
 def linear_operator(product: Product, size: int, dtype: torch.dtype = torch.float64):
@@ -377,3 +377,12 @@ def smallest_eigenvalue(
     finite operator.
     """
     return smallest_eigenvalue_estimate(product, size, dtype, max_products).value
+
+
+def lanczos_smallest_eigenvalue_estimate(
+    problem: ContrastiveProblem, theta: Tensor, kind: CurvatureKind = "hessian", max_products: int = 800
+) -> EigenvalueEstimate:
+    """Smallest eigenvalue of the undamped curvature with its Lanczos residual and whether it converged
+    (an upper bound when ``max_products`` ran out; see :func:`ecif.curvature.products.smallest_eigenvalue_estimate`)."""
+    return smallest_eigenvalue_estimate(curvature_product(problem, theta, kind), theta.numel(), theta.dtype, max_products)
+

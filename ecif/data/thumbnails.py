@@ -11,7 +11,6 @@ a placeholder thumbnail instead of stopping the job.
 from __future__ import annotations
 
 import io
-import os
 from functools import cache
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from PIL import Image, ImageDraw, ImageOps
 from ecif.data._parallel import threaded_map
 from ecif.data.images import open_image
 from ecif.progress import Reporter, as_reporter
-from ecif.run import THUMBS_DIR, Run
+from ecif.run import THUMBS_DIR, Run, atomic_write_with
 
 JPEG_QUALITY = 85
 
@@ -63,12 +62,6 @@ def _thumbnail_bytes(filepath: str, size: int) -> bytes:
         return _placeholder(size)
 
 
-def _write_replace(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _is_made(path: Path) -> bool:
     try:
         return path.stat().st_size > 0
@@ -89,7 +82,8 @@ def make_thumbnails(run: Run, reporter: Reporter | None = None, size: int = 128)
 
     def write(item: tuple[int, str]) -> None:
         row, filepath = item
-        _write_replace(thumbnail_path(run, row), _thumbnail_bytes(filepath, size))
+        data = _thumbnail_bytes(filepath, size)
+        atomic_write_with(thumbnail_path(run, row), lambda temporary: temporary.write_bytes(data))
 
     threaded_map(write, missing, as_reporter(reporter), "thumbnails")
     return len(missing)

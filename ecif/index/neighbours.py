@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 
 from ecif.progress import Reporter, as_reporter
-from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, SCORES_FILE, Run, atomic_write_json, read_json
+from ecif.run import EMBEDDINGS_FILE, INDEX_DIR, INDEX_META_FILE, SCORES_FILE, Run, atomic_write_json, read_json
 
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, ...] = ("image", "text")
 ROWS_FILE = "rows.npy"
 UIDS_FILE = "uids.npy"
-META_FILE = "index.json"
+META_FILE = Path(INDEX_META_FILE).name  # the same file as the run folder names it
 
 
 @dataclass(frozen=True)

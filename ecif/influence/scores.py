@@ -1,4 +1,4 @@
-"""Per-pair ECIF influence (ECIF_METHOD §2–3) and the set estimates and edits of §4.
+"""Per-pair ECIF influence (docs/method.md §2–3) and the set estimates and edits of §4.
 
 Sign convention everywhere: ``influence = Δφ`` if the pair is removed.  Negative means removing the
 pair lowers the test loss, so the pair is **harmful**; positive means it is **valuable**.
@@ -21,7 +21,13 @@ from torch import Tensor
 from torch.func import jacrev, jvp, vjp
 
 from ecif.curvature.solvers import CurvatureSolver
-from ecif.influence.objective import ContrastiveData, HeadsProblem, batch_logits, batch_pair_terms, contrastive_sum, pair_terms
+from ecif.objective.contrastive import (
+    ContrastiveProblem,
+    batch_logits,
+    batch_pair_terms,
+    contrastive_sum,
+    pair_terms,
+)
 from ecif.progress import Reporter, as_reporter
 
 NegativeForm = Literal["exact", "first_order"]
@@ -37,13 +43,8 @@ class PairInfluence:
     influence_first_order: np.ndarray
     influence_neg_first_order: np.ndarray
 
-    @property
-    def influence_pos_only(self) -> np.ndarray:
-        """The classical influence function, which sees only the pair's own (positive) terms."""
-        return self.influence_pos
 
-
-def influence_along(problem: HeadsProblem, theta: Tensor, direction: Tensor) -> PairInfluence:
+def influence_along(problem: ContrastiveProblem, theta: Tensor, direction: Tensor) -> PairInfluence:
     """``(1/N) ∇(Pos_n + Neg_n)ᵀ direction`` for every pair, given ``direction = H⁻¹∇φ [P]``."""
     scope, data = problem.scope, problem.data
     with torch.no_grad():
@@ -61,7 +62,7 @@ def influence_along(problem: HeadsProblem, theta: Tensor, direction: Tensor) -> 
     )
 
 
-def influence_on(problem: HeadsProblem, theta: Tensor, solver: CurvatureSolver, test_gradient: Tensor) -> PairInfluence:
+def influence_on(problem: ContrastiveProblem, theta: Tensor, solver: CurvatureSolver, test_gradient: Tensor) -> PairInfluence:
     """Every pair's predicted change of the test function whose gradient at ``θ̂`` is ``test_gradient``."""
     return influence_along(problem, theta, solver.solve(test_gradient))
 
@@ -72,7 +73,7 @@ def gradient_of(function, theta: Tensor) -> Tensor:
 
 
 def per_pair_gradients(
-    problem: HeadsProblem, theta: Tensor, negative: NegativeForm = "exact"
+    problem: ContrastiveProblem, theta: Tensor, negative: NegativeForm = "exact"
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(rows [B], gradients [B, P])`` of ``Pos_n + Neg_n`` one reference batch at a time.
 
@@ -92,7 +93,7 @@ def per_pair_gradients(
 
 
 def self_influence(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta: Tensor,
     solver: CurvatureSolver,
     reporter: Reporter | None = None,
@@ -116,7 +117,7 @@ def self_influence(
     return values.numpy()
 
 
-def euclidean_step_norms(problem: HeadsProblem, theta: Tensor, solver: CurvatureSolver) -> np.ndarray:
+def euclidean_step_norms(problem: ContrastiveProblem, theta: Tensor, solver: CurvatureSolver) -> np.ndarray:
     """``‖Δθ_n‖₂ = (1/N)‖H⁻¹∇g_n‖`` per pair ``[N]`` (the Euclidean option of the relative score).
 
     The solves go through ``solver.solve_per_pair``: a refined solver answers them with its
@@ -133,10 +134,10 @@ def relative_influence(influence: np.ndarray, step_norms: np.ndarray) -> np.ndar
     return influence / np.maximum(step_norms, 1e-300)
 
 
-# --- sets of pairs and edits (ECIF_METHOD §4) ---------------------------------------------------------
+# --- sets of pairs and edits (docs/method.md §4) ---------------------------------------------------------
 
 
-def additive_set_gradient(problem: HeadsProblem, theta: Tensor, rows: list[int] | np.ndarray) -> Tensor:
+def additive_set_gradient(problem: ContrastiveProblem, theta: Tensor, rows: list[int] | np.ndarray) -> Tensor:
     """``(1/N) Σ_{n∈D*} ∇(Pos_n + Neg_n)``, so that ``Σ Δθ_n = H⁻¹ ·`` this (the additive estimate)."""
     scope, data = problem.scope, problem.data
     cotangent = torch.zeros(data.n_pairs, dtype=theta.dtype)
@@ -148,11 +149,11 @@ def additive_set_gradient(problem: HeadsProblem, theta: Tensor, rows: list[int] 
 
 
 def edit_gradient(
-    problem: HeadsProblem, theta: Tensor, drop_rows=(), new_text: dict[int, Tensor] | None = None
+    problem: ContrastiveProblem, theta: Tensor, drop_rows=(), new_text: dict[int, Tensor] | None = None
 ) -> Tensor:
     """``−∇ΔR(θ)`` for an edit (removals, relabels), with ``ΔR = (Σ_edited − Σ_original)/N``.
 
-    For pure removals ``ΔR`` is the group estimate of ECIF_METHOD §4: the exact change of the
+    For pure removals ``ΔR`` is the group estimate of docs/method.md §4: the exact change of the
     objective, also for pairs sharing a batch (a row's negative term becomes
     ``log(1 − Σ_{n∈D*} P_kn)``); a relabel is the removal of the old pair plus the addition of the
     new caption in the same batch slot.  The parameter response ``Δθ ≈ H⁻¹ ·`` this is first order.
@@ -168,12 +169,12 @@ def edit_gradient(
     return -torch.func.grad(change)(theta)
 
 
-def renormalisation_step(problem: HeadsProblem, theta: Tensor, solver: CurvatureSolver, n_removed: int) -> Tensor:
+def renormalisation_step(problem: ContrastiveProblem, theta: Tensor, solver: CurvatureSolver, n_removed: int) -> Tensor:
     """First-order ``Δθ`` of the ``1/N → 1/(N−k)`` renormalisation after removing ``k`` pairs.
 
     Retraining on ``N − k`` pairs is the same as keeping ``1/N`` and shrinking the penalty to
     ``δ(N−k)/N``; its implicit-function effect is ``(δk/N) H⁻¹(θ̂ − θ₀)``, the same for every set of
-    that size.  It is first order, like the scores themselves (ECIF_METHOD §2 calls it second order;
+    that size.  It is first order, like the scores themselves (docs/method.md §2 calls it second order;
     it is not), but it shifts every single-pair score by one constant (about 2% of the median score
     on the demo), so single-pair scores leave it out and rankings are unchanged; the scores stage
     records the shift in ``run.json``.  Set predictions add it: it grows with ``k``.
@@ -182,7 +183,7 @@ def renormalisation_step(problem: HeadsProblem, theta: Tensor, solver: Curvature
 
 
 def predicted_step(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta: Tensor,
     solver: CurvatureSolver,
     drop_rows=(),
@@ -208,7 +209,7 @@ def predicted_step(
 
 
 def newton_edit(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta: Tensor,
     solver: CurvatureSolver,
     drop_rows=(),
@@ -228,7 +229,7 @@ def newton_edit(
     return current
 
 
-def refined_removal_effect(problem: HeadsProblem, theta: Tensor, solver: CurvatureSolver, phi, rows, steps: int = 2) -> np.ndarray:
+def refined_removal_effect(problem: ContrastiveProblem, theta: Tensor, solver: CurvatureSolver, phi, rows, steps: int = 2) -> np.ndarray:
     """``φ(θ_{−n}) − φ(θ̂)`` for removing each pair of ``rows`` alone, by ``steps`` Newton steps on the
     reduced objective (:func:`newton_edit`) instead of the linear prediction ``[len(rows)]``.
 
@@ -242,15 +243,7 @@ def refined_removal_effect(problem: HeadsProblem, theta: Tensor, solver: Curvatu
     return np.array([float(phi(newton_edit(problem, theta, solver, [int(row)], steps=steps))) - base for row in rows])
 
 
-def reduced_problem(problem: HeadsProblem, drop_rows=(), new_text: dict[int, Tensor] | None = None) -> HeadsProblem:
+def reduced_problem(problem: ContrastiveProblem, drop_rows=(), new_text: dict[int, Tensor] | None = None) -> ContrastiveProblem:
     """The problem that actual retraining solves after an edit (remaining pairs, renormalised)."""
     edited, _ = problem.data.edited(drop_rows, new_text, renormalise=True)
     return problem.with_data(edited)
-
-
-def data_subset(data: ContrastiveData, rows: np.ndarray) -> ContrastiveData:
-    """The pairs ``rows`` only, keeping the reference batching of those that remain."""
-    keep = np.zeros(data.n_pairs, dtype=bool)
-    keep[np.asarray(rows, dtype=np.int64)] = True
-    edited, _ = data.edited(np.nonzero(~keep)[0], renormalise=True)
-    return edited

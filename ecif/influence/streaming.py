@@ -1,8 +1,8 @@
 """ECIF scores of very many pairs from features on disk, in bounded memory, locally or with Ray.
 
 The heads ``θ̂`` are **given**: this module scores, it does not fine-tune.  ECIF's scores mean
-something only at a minimiser of ``R`` (ECIF_METHOD §1), so ``θ̂`` should come from
-:func:`ecif.models.heads.finetune_heads` on this store's objective, per-shard batching included (a
+something only at a minimiser of ``R`` (docs/method.md §1), so ``θ̂`` should come from
+:func:`ecif.finetune.finetune_heads` on this store's objective, per-shard batching included (a
 run's ``heads.safetensors`` minimises its run's own batching: the same only for a one-shard store of
 the run's rows).  This is checked (below); benchmarks that pass other heads measure cost, not
 fidelity, and say so with ``allow_unconverged``.
@@ -13,7 +13,7 @@ Layout and maths:
   ``text-00000.npy [n_k, d']``) plus ``store.json``; each shard is opened with
   ``np.load(mmap_mode="r")``, copied and unmapped, so a process holds one shard at a time.
 - The fixed reference batching (§1) is a seeded partition *within each shard* into batches of about
-  ``batch_size`` (:func:`ecif.influence.objective.reference_batches` with seed ``seed + shard``):
+  ``batch_size`` (:func:`ecif.objective.contrastive.reference_batches` with seed ``seed + shard``):
   every chunk of work is whole batches, so the per-shard :class:`ContrastiveData` (with the global
   ``N`` as its normaliser) gives exactly the terms of the full objective that live in that shard.
 - Curvature: EK-FAC (:class:`ecif.curvature.solvers.KroneckerSolver`), whose statistics are sums over
@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ecif.config import StreamingConfig
 from ecif.curvature.solvers import (
     FactorStatistics,
     KroneckerSolver,
@@ -69,9 +70,10 @@ from ecif.curvature.solvers import (
     save_solver,
     sum_statistics,
 )
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, contrastive_sum, reference_batches
+from ecif.influence.columns import DIRECTIONAL_COLUMNS, SCORE_COLUMNS, SELF_INFLUENCE_COLUMNS
 from ecif.influence.scores import gradient_of, influence_along, self_influence
-from ecif.influence.test_functions import validation_loss
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, contrastive_sum, reference_batches
+from ecif.objective.measurements import validation_loss
 from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_bytes, atomic_write_json, read_json
 
@@ -84,9 +86,6 @@ GRADIENT_FILE = "gradient.npz"
 #: keys under which the first statistics pass carries each shard's contrastive sum and its gradient.
 GRADIENT_KEY = "objective.contrastive_sum_gradient"
 LOSS_KEY = "objective.contrastive_sum"
-SCORE_COLUMNS = ("influence", "influence_pos", "influence_neg", "influence_first_order", "influence_neg_first_order")
-#: the self-influence columns written when asked for, and the form of ``Neg_n`` each uses.
-SELF_INFLUENCE_COLUMNS = {"self_influence": "exact", "self_influence_first_order": "first_order"}
 
 
 # --- features on disk -------------------------------------------------------------------------------
@@ -205,45 +204,6 @@ def write_feature_store(directory: str | Path, shards: Iterable[tuple[np.ndarray
 # --- per-shard work (pure functions of their arguments; what Ray tasks run) -------------------------------
 
 
-@dataclass
-class StreamingConfig:
-    """Settings of streamed scoring.
-
-    ``batch_size``/``seed``: the reference batching within each shard.  ``delta`` (δ of ``R``) and
-    ``damping`` (λ) enter the EK-FAC exactly.  ``self_influence``: also ``∇g_nᵀH⁻¹∇g_n`` per pair,
-    in both forms of :data:`SELF_INFLUENCE_COLUMNS` (a Jacobian ``[B, P]`` per batch and form, ``B``
-    backward passes: far costlier than ``influence``, which is one forward-mode pass).
-
-    ``gradient_tolerance``: the largest ``‖∇R(θ̂)‖`` (absolute, Euclidean over all ``P`` parameters)
-    accepted as "θ̂ is a minimiser of the ``R`` being scored".  Default ``1e-4``: fine-tuning stops
-    at ``1e-7`` and calls itself converged below ``1e-5``
-    (:class:`ecif.models.heads.FinetuneConfig`), so converged heads pass with room for heads stored
-    in float32 and for the store's summation order, while heads fine-tuned on anything else fail by
-    orders of magnitude.  Measured on the 400-pair, ``P = 132`` problem of the tests (δ = 1,
-    batches of 25 in 3 shards): converged heads ``3e-14``, the same rounded to float32 ``3e-7``,
-    moved by ``1e-3`` per coordinate ``1.6e-2``, the starting heads ``θ̂ = θ₀`` ``2.9``, and heads
-    converged on the same pairs but one whole-set batching instead of the per-shard one ``0.29``
-    (the reference batching is part of ``R``).  Near a positive-definite minimum a gradient ``g``
-    leaves ``θ̂`` about ``‖H⁻¹g‖ ≲ ‖g‖/δ`` from the minimiser, which changes every pair's ``Δθ_n``
-    by a relative ``O(‖g‖/δ)`` (so the tolerance need not shrink with ``N``): with ``δ = 1``,
-    ``1e-4`` is far below what the EK-FAC approximation changes.  The relative value
-    ``‖∇R‖ / ‖(1/N)∇Σ(a+b)‖`` is recorded next to it but not used to decide: when the minimiser lies
-    close to ``θ₀`` (a strong penalty, or starting heads that already fit the pairs) its denominator
-    ``= δ‖θ̂ − θ₀‖`` is itself small.
-    ``allow_unconverged``: score anyway when the check fails (or when no ``θ₀`` was given to check
-    with), with the measurement and a warning in the result, instead of raising :class:`NotAMinimiser`.
-    Neither setting changes a score, so neither is part of an output folder's fingerprint.
-    """
-
-    batch_size: int = 64
-    seed: int = 0
-    delta: float = 1.0
-    damping: float = 1e-4
-    self_influence: bool = False
-    gradient_tolerance: float = 1e-4
-    allow_unconverged: bool = False
-
-
 #: settings that decide whether to score, not what the scores are (left out of the fingerprint).
 _CHECK_SETTINGS = ("gradient_tolerance", "allow_unconverged")
 
@@ -296,13 +256,13 @@ def score_shard(
     config: StreamingConfig,
     solver: KroneckerSolver | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{column: [n_k]}`` for one shard: :data:`SCORE_COLUMNS` along ``direction = H⁻¹∇φ [P]``,
+    """``{column: [n_k]}`` for one shard: :data:`DIRECTIONAL_COLUMNS` along ``direction = H⁻¹∇φ [P]``,
     plus :data:`SELF_INFLUENCE_COLUMNS` when ``solver`` is given (units of ``φ``; negative influence = harmful)."""
     # θ₀ only enters the value and gradient of R, which scoring never evaluates (the premise check
     # adds δ(θ̂ − θ₀) to the summed contrastive gradient on the driver: check_stationarity).
-    problem = HeadsProblem(scope, shard_data(store, shard, config), theta, config.delta)
+    problem = ContrastiveProblem(scope, shard_data(store, shard, config), theta, config.delta)
     influence = influence_along(problem, theta, direction)
-    columns = {name: getattr(influence, name) for name in SCORE_COLUMNS}
+    columns = {name: getattr(influence, name) for name in DIRECTIONAL_COLUMNS}
     if solver is not None:
         for column, negative in SELF_INFLUENCE_COLUMNS.items():
             columns[column] = self_influence(problem, theta, solver, negative=negative)
@@ -340,9 +300,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
     ray = _import_ray()
     if ray.is_initialized():
         return
-    import ecif
-
-    runtime_env = {"py_modules": [str(Path(ecif.__file__).resolve().parent)]}
+    package = Path(__file__).resolve().parents[1]  # the ecif package folder
+    runtime_env = {"py_modules": [str(package)]}
     ray.init(address=address, num_cpus=num_cpus, runtime_env=runtime_env, **init_options)
 
 
@@ -452,7 +411,7 @@ class StationarityCheck:
                        f"{self.gradient_norm:.2e} > tolerance {self.tolerance:.0e} (relative to the contrastive "
                        f"gradient {self.relative_gradient_norm:.2e}; {objective})")
             fix = ("fine-tune the heads to convergence on exactly this objective (these pairs, δ and per-shard "
-                   "reference batches: ecif.models.heads.finetune_heads; `ecif finetune` converges on its run's own "
+                   "reference batches: ecif.finetune.finetune_heads; `ecif finetune` converges on its run's own "
                    "batching, the same only for a one-shard store of the run's rows)")
         if allowed:
             return f"{problem}; scored anyway (allow_unconverged): influence estimates assume a minimiser and may be unreliable; {fix}"
@@ -560,7 +519,7 @@ def _fingerprint(store: FeatureStore, trusted: ContrastiveData, scope: HeadsScop
     digest = hashlib.sha256()
     digest.update(store.fingerprint().encode())
     # The columns are part of what a folder holds: one scored by a version with other columns is refused.
-    columns = [*SCORE_COLUMNS, *(SELF_INFLUENCE_COLUMNS if config.self_influence else ())]
+    columns = [*DIRECTIONAL_COLUMNS, *(SELF_INFLUENCE_COLUMNS if config.self_influence else ())]
     settings = {key: value for key, value in asdict(config).items() if key not in _CHECK_SETTINGS}
     digest.update(json.dumps([asdict(scope), settings, columns], sort_keys=True).encode())
     for tensor in (theta, trusted.image, trusted.text, *trusted.batches):
@@ -586,7 +545,7 @@ def score_store(
     The first curvature pass also measures ``‖∇R(θ̂)‖`` (:func:`check_stationarity`); heads that are
     not a minimiser, or no ``theta0`` to check them with, raise :class:`NotAMinimiser` after that
     pass unless ``config.allow_unconverged``.  Writes ``OUT/scores-00000.npz ...``
-    (:data:`SCORE_COLUMNS`, and :data:`SELF_INFLUENCE_COLUMNS` if asked) and ``scores.json`` (with the
+    (:data:`DIRECTIONAL_COLUMNS`, and :data:`SELF_INFLUENCE_COLUMNS` if asked) and ``scores.json`` (with the
     check under ``stationarity`` and any ``warnings``), resumes from whatever a previous call with
     the same inputs left, and refuses a folder scored with other inputs.  Read the result with
     :func:`read_scores`.
@@ -647,9 +606,17 @@ def score_store(
         out_dir / SCORES_INFO_FILE,
         {"fingerprint": fingerprint, "complete": True, "n_pairs": store.n_pairs, "shards": store.n_shards,
          "settings": asdict(config), "solver": solver.describe(), "store": str(store.directory),
-         "stationarity": check.to_dict(), "warnings": warnings},
+         "stationarity": check.to_dict(), "warnings": warnings, "not_written": columns_not_written(config)},
     )
     return StreamingResult(out_dir, store.n_pairs, solver.describe(), seconds, len(todo), check.to_dict(), warnings)
+
+
+def columns_not_written(config: StreamingConfig) -> dict[str, str]:
+    """The score columns of the in-memory path that streamed scoring leaves out, each with the reason."""
+    reasons = {column.name: column.not_streamed_because for column in SCORE_COLUMNS if not column.streamed}
+    if not config.self_influence:
+        reasons.update(dict.fromkeys(SELF_INFLUENCE_COLUMNS, "not asked for (--self-influence)"))
+    return reasons
 
 
 def _scores_path(out_dir: Path, shard: int) -> Path:

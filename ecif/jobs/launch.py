@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
+from ecif.config import RunConfig
+from ecif.jobs.manager import read_status
 from ecif.paths import cache_dir, text_sha256
-from ecif.tasks.pipeline import RunConfig, default_demo_run_dir
+from ecif.run import Run
+from ecif.tasks.pipeline import default_demo_run_dir
 
 #: The import package of the app: the repository's ``app/`` folder, shipped in the wheel under this
 #: name by ``pip install .`` and mapped onto the checkout by ``pip install -e .`` (see setup.py).
@@ -30,24 +32,26 @@ def app_script() -> Path:
     return Path(spec.origin).resolve()
 
 
-
 def run_dir_for(manifest: str | Path | None = None, model: str | None = None,
-                checkpoint: str | Path | None = None) -> Path:
+                checkpoint: str | Path | None = None, blocks: int = 0) -> Path:
     """The default run folder: the demo's without a manifest, else
-    ``cache_dir()/runs/<manifest stem>-<8 hex of manifest path, model and checkpoint>``."""
+    ``cache_dir()/runs/<manifest stem>-<8 hex of manifest path, model and checkpoint>``; a run whose
+    influence scope takes ``blocks`` > 0 transformer blocks gets its own folder (``…-blocks<N>``)."""
     if manifest is None:
-        return default_demo_run_dir()
-    resolved = Path(manifest).expanduser().resolve()
-    key = text_sha256(str(resolved), model or "", str(checkpoint or ""))[:8]
-    return cache_dir() / "runs" / f"{resolved.stem}-{key}"
+        folder = default_demo_run_dir()
+    else:
+        resolved = Path(manifest).expanduser().resolve()
+        key = text_sha256(str(resolved), model or "", str(checkpoint or ""))[:8]
+        folder = cache_dir() / "runs" / f"{resolved.stem}-{key}"
+    return folder.with_name(f"{folder.name}-blocks{int(blocks)}") if blocks else folder
 
 
-def build_config(run_dir: str | Path, settings: dict[str, Any] | None = None) -> RunConfig:
-    """The run configuration for ``run_dir`` from plain settings in the shape of
-    ``RunConfig.settings()`` (``manifest``, ``model``, ``checkpoint``, ``trusted_split``, nested
-    ``finetune`` / ``curvature`` dicts); missing keys keep the engine's defaults, and no manifest
-    means the built-in demo."""
-    return RunConfig.from_settings(Path(run_dir), settings or {})
+def recorded_config(run_dir: str | Path) -> RunConfig:
+    """The configuration to resume ``run_dir`` with: the settings its ``run.json`` recorded, else
+    those of its last job (``job.json``); with neither, the defaults (the built-in demo)."""
+    settings = (Run(run_dir).info.get("settings")
+                or (read_status(run_dir) or {}).get("settings") or {})
+    return RunConfig.from_settings(Path(run_dir), settings)
 
 
 def app_command(run_dir: str | Path | None = None, manifest: str | Path | None = None,

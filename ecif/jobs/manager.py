@@ -9,7 +9,8 @@ it again resumes from the pipeline's per-stage cache.
 
 ``job.json``: ``state`` (running | done | failed | cancelled | interrupted), ``stage``, ``done``,
 ``total``, ``error``, ``started``, ``finished``, ``updated`` (UTC ISO), ``pid``, and ``settings``
-(the plain settings the config was built from, so any process can resume the job).
+(``RunConfig.settings()`` of the job, so any process can resume it:
+:func:`ecif.jobs.launch.recorded_config`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ecif.config import RunConfig
 from ecif.progress import Cancelled, Reporter
 from ecif.run import JOB_FILE, atomic_write_json, read_json
 
-Pipeline = Callable[[Any, Reporter], Any]
+Pipeline = Callable[[RunConfig, Reporter], Any]
 FINISHED_STATES = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -35,9 +37,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def default_pipeline(config: Any, reporter: Reporter) -> Any:
-    """``ecif.run_pipeline`` (imported on first use: the engine loads torch and open_clip)."""
-    from ecif import run_pipeline
+def default_pipeline(config: RunConfig, reporter: Reporter) -> Any:
+    """``ecif.tasks.pipeline.run_pipeline`` (imported on first use: the engine loads torch and open_clip)."""
+    from ecif.tasks.pipeline import run_pipeline
 
     return run_pipeline(config, reporter)
 
@@ -65,10 +67,10 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
 
 @dataclass
 class Job:
-    """One background run: its folder, settings, worker thread and cancel switch."""
+    """One background run: its folder, configuration, worker thread and cancel switch."""
 
     run_dir: Path
-    config: Any
+    config: RunConfig
     cancel_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     result: Any = None
@@ -121,21 +123,21 @@ class JobManager:
     def _key(run_dir: str | Path) -> Path:
         return Path(run_dir).expanduser().resolve()
 
-    def start(self, run_dir: str | Path, config: Any, settings: dict[str, Any] | None = None) -> Job:
-        """Run ``pipeline(config, reporter)`` for ``run_dir`` in a worker thread.
+    def start(self, config: RunConfig) -> Job:
+        """Run ``pipeline(config, reporter)`` for ``config.run_dir`` (made absolute) in a worker thread.
 
         If a job for this folder is already running, that job is returned and nothing new starts.
         A finished run is started again cheaply: the pipeline skips every cached stage.
-        ``settings`` (JSON-able) are recorded in ``job.json`` so the job can be resumed later.
+        ``config.settings()`` is recorded in ``job.json`` so the job can be resumed later.
         """
-        key = self._key(run_dir)
+        key = self._key(config.run_dir)
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and job.alive:
                 return job
-            job = Job(run_dir=key, config=config)
+            job = Job(run_dir=key, config=replace(config, run_dir=key))
             key.mkdir(parents=True, exist_ok=True)
-            progress = _ProgressFile(key / JOB_FILE, self._interval_s, settings or {})
+            progress = _ProgressFile(key / JOB_FILE, self._interval_s, job.config.settings())
             job.thread = threading.Thread(target=self._work, args=(job, progress),
                                           name=f"ecif-job-{key.name}", daemon=True)
             self._jobs[key] = job

@@ -6,7 +6,6 @@ from ecif.models.features import (
     Features,
     Heads,
     PromptFeatures,
-    UnsupportedModelError,
     compute_features,
     encode_captions,
     encode_images,
@@ -17,6 +16,7 @@ from ecif.models.features import (
     set_heads,
 )
 from ecif.models.open_clip_models import LoadedModel, ModelLoadError, load_model, read_state_dict, save_checkpoint
+from ecif.models.towers import UnsupportedModelError
 from ecif.models.zero_shot import zero_shot, zero_shot_accuracy, zero_shot_probabilities
 
 __all__ = [

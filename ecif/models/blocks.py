@@ -1,4 +1,4 @@
-"""The last transformer block(s) of an open_clip model as an influence scope (:mod:`ecif.influence.blocks`).
+"""The last transformer block(s) of an open_clip model as an influence scope (:mod:`ecif.objective.blocks`).
 
 Three things come from the model: the scope's shape and ``θ₀`` (the blocks', final norms' and
 projections' weights), the features (each row's input to the first block in scope, every token, with
@@ -19,9 +19,9 @@ import torch
 from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, text_global_pool
 
-from ecif.influence.blocks import BlocksScope, TowerShape
-from ecif.models.features import UnsupportedModelError, _projection_slots
 from ecif.models.open_clip_models import LoadedModel
+from ecif.models.towers import UnsupportedModelError, projection_slots
+from ecif.objective.blocks import BlocksScope, TowerShape
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _shape(blocks: list[ResidualAttentionBlock], norm: torch.nn.Module, **flags)
 
 
 def _image_tower(model: torch.nn.Module, count: int) -> _Tower:
-    (visual, _), _ = _projection_slots(model)
+    (visual, _), _ = projection_slots(model)
     if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
         raise UnsupportedModelError(f"image tower pooling {visual.pool_type!r} with an attentional pooler is not supported in the blocks scope")
     blocks = _tower_blocks(visual.transformer, count, "image tower")
@@ -84,7 +84,7 @@ def _text_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 def _text_tower(model: torch.nn.Module, count: int) -> _Tower:
-    _, (owner, attribute) = _projection_slots(model)
+    _, (owner, attribute) = projection_slots(model)
     transformer, ln_final, attn_mask, pool_type, _ = _text_parts(model)
     if pool_type not in ("first", "last", "argmax", "eos"):
         raise UnsupportedModelError(f"text pooling {pool_type!r} is not supported in the blocks scope")

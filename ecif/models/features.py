@@ -5,7 +5,7 @@ features taken *before* them: ``h_img`` (the ViT's pooled, layer-normed output) 
 text transformer's pooled output). With ``W_image = visual.proj`` and ``W_text = text_projection``
 the model's embeddings are exactly ``normalize(h_img @ W_image)`` and ``normalize(h_txt @ W_text)``.
 
-With ``blocks = k > 0`` (the wider influence scope of :mod:`ecif.influence.blocks`) the features
+With ``blocks = k > 0`` (the wider influence scope of :mod:`ecif.objective.blocks`) the features
 are instead each row's input to the last ``k`` transformer blocks, every token, with a pooling-weight
 channel: ``[T, w + 1]`` per row (see :mod:`ecif.models.blocks`).
 
@@ -29,13 +29,12 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from open_clip.model import CLIP, CustomTextCLIP
-from open_clip.transformer import TextTransformer, VisionTransformer
 from PIL import Image
 
 from ecif.data.images import image_signature, open_image
 from ecif.data.manifest import SHARD_COLUMN
-from ecif.models.open_clip_models import LoadedModel, ModelLoadError, Preprocess
+from ecif.models.open_clip_models import LoadedModel, Preprocess
+from ecif.models.towers import projection_slots
 from ecif.paths import cache_dir, text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_bytes
@@ -45,10 +44,6 @@ FEATURES_STAGE = "features"
 SHARD_ROWS = 512
 CHUNKS_DIR = "chunks"
 """Folder (under the model's feature cache) of :func:`iter_chunk_features`'s one-file-per-chunk shards."""
-
-
-class UnsupportedModelError(ModelLoadError):
-    """The model's architecture has projection heads that ecif cannot separate from its backbone yet."""
 
 
 @dataclass
@@ -96,7 +91,7 @@ class PromptFeatures:
 
 def get_heads(model: torch.nn.Module) -> Heads:
     """The model's image and text projections and log logit scale, as float64 numpy copies."""
-    (image_owner, image_attr), (text_owner, text_attr) = _projection_slots(model)
+    (image_owner, image_attr), (text_owner, text_attr) = projection_slots(model)
     return Heads(
         image=getattr(image_owner, image_attr).detach().cpu().double().numpy().copy(),
         text=getattr(text_owner, text_attr).detach().cpu().double().numpy().copy(),
@@ -111,7 +106,7 @@ def set_heads(
     log_logit_scale: float,
 ) -> None:
     """Overwrite the model's projections ([d_img, e], [d_txt, e]) and log logit scale in place."""
-    (image_owner, image_attr), (text_owner, text_attr) = _projection_slots(model)
+    (image_owner, image_attr), (text_owner, text_attr) = projection_slots(model)
     with torch.no_grad():
         for owner, attr, value in ((image_owner, image_attr, W_image), (text_owner, text_attr, W_text)):
             target = getattr(owner, attr)
@@ -362,32 +357,6 @@ def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, 0), np.float32)
 
 
-def _projection_slots(model: torch.nn.Module) -> tuple[tuple[torch.nn.Module, str], tuple[torch.nn.Module, str]]:
-    """``(module, attribute)`` of the image and of the text projection parameter.
-
-    Supported: open_clip ``CLIP``/``CustomTextCLIP`` with a ``VisionTransformer`` image tower and a
-    ``TextTransformer`` text tower whose projections are plain (bias-free) matrices.
-    """
-    visual = getattr(model, "visual", None)
-    if isinstance(model, CLIP):
-        text_owner: torch.nn.Module | None = model
-    elif isinstance(model, CustomTextCLIP) and isinstance(model.text, TextTransformer):
-        text_owner = model.text
-    else:
-        text_owner = None
-    image_ok = isinstance(visual, VisionTransformer) and isinstance(visual.proj, torch.nn.Parameter)
-    text_ok = text_owner is not None and isinstance(text_owner.text_projection, torch.nn.Parameter)
-    if not (image_ok and text_ok):
-        text_tower = type(getattr(model, "text", None) or getattr(model, "transformer", None)).__name__
-        raise UnsupportedModelError(
-            f"{type(model).__name__} with image tower {type(visual).__name__} and text tower {text_tower} "
-            "is not supported yet: ecif needs an open_clip VisionTransformer and TextTransformer whose "
-            "projections are bias-free matrices (e.g. ViT-B-32, ViT-L-14, ecif-demo; not ResNet, timm "
-            "or Hugging Face towers)"
-        )
-    return (visual, "proj"), (text_owner, "text_projection")
-
-
 @contextmanager
 def _backbone_only(model: torch.nn.Module) -> Iterator[None]:
     """Temporarily remove both projections, so the encoders return pre-projection features.
@@ -395,7 +364,7 @@ def _backbone_only(model: torch.nn.Module) -> Iterator[None]:
     open_clip applies the projection only when it is not None; detaching it is exact and works for
     every supported architecture. Not thread-safe: do not use the model elsewhere meanwhile.
     """
-    slots = _projection_slots(model)
+    slots = projection_slots(model)
     saved = [getattr(owner, attr) for owner, attr in slots]
     for owner, attr in slots:
         setattr(owner, attr, None)
@@ -407,5 +376,5 @@ def _backbone_only(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _text_width(model: torch.nn.Module) -> int:
-    (_, _), (text_owner, attr) = _projection_slots(model)
+    (_, _), (text_owner, attr) = projection_slots(model)
     return int(getattr(text_owner, attr).shape[0])

@@ -25,11 +25,10 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
+# Registers the "ecif-demo" architecture with open_clip before any name is looked up.
+import ecif.models.configs  # noqa: F401  (imported for its side effect)
 from ecif.paths import file_sha256, text_sha256
 from ecif.run import atomic_write_bytes
-
-# Registers the "ecif-demo" architecture with open_clip before any name is looked up.
-from ecif.models import configs  # noqa: F401  (imported for its side effect)
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 """PIL image -> float tensor [3, H, W] (open_clip's evaluation transform: resize, crop, normalise)."""

@@ -11,16 +11,16 @@ import pandas as pd
 import torch
 
 from ecif.data import ZeroShotClasses
-from ecif.influence.objective import HeadsScope
-from ecif.influence.test_functions import ZeroShotPrompts, zero_shot_logits
 from ecif.models.features import Features, Heads, PromptFeatures, compute_features, encode_prompts, get_heads
 from ecif.models.open_clip_models import LoadedModel
+from ecif.objective.contrastive import HeadsScope
+from ecif.objective.measurements import ZeroShotPrompts, zero_shot_logits
 
 
 def zero_shot_probabilities(image_features: np.ndarray, prompts: PromptFeatures, heads: Heads) -> np.ndarray:
     """Class probabilities, float64 [N, C], of images given by pre-projection features [N, d_img].
 
-    The logits are the influence engine's own (:func:`ecif.influence.test_functions.zero_shot_logits`),
+    The logits are the influence engine's own (:func:`ecif.objective.measurements.zero_shot_logits`),
     so the demo's accuracy, the mispredictions and trace-back all use one definition.
     """
     scope = HeadsScope(heads.image.shape[0], heads.text.shape[0], heads.image.shape[1], heads.log_logit_scale)

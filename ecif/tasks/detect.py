@@ -1,4 +1,4 @@
-"""Misalignment detection (ECIF_METHOD §7): flag pairs, and measure every score against ground truth.
+"""Misalignment detection (docs/method.md §7): flag pairs, and measure every score against ground truth.
 
 Each score column has a direction in which it is suspicious; :data:`SUSPICION` turns it into a
 "higher = more suspicious" number so every column is compared the same way.
@@ -12,28 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-#: column → sign that makes "higher = more suspicious".
-SUSPICION: dict[str, float] = {
-    "influence": -1.0,  # harmful = negative
-    "influence_first_order": -1.0,
-    "influence_pos_only": -1.0,
-    "influence_pos": -1.0,
-    "influence_neg": -1.0,
-    "self_influence": 1.0,
-    "self_influence_first_order": 1.0,
-    "clip_score": -1.0,  # a poor match between image and caption
-    "loss": 1.0,
-}
-
-DETECTION_COLUMNS = (
-    "influence",
-    "influence_first_order",
-    "influence_pos_only",
-    "self_influence",
-    "self_influence_first_order",
-    "clip_score",
-    "loss",
-)
+from ecif.influence.columns import DETECTION_COLUMNS, SUSPICION
 
 
 def suspicion(scores: pd.DataFrame, column: str) -> np.ndarray:

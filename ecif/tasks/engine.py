@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ecif.curvature.solvers import CurvatureConfig, CurvatureSolver, build_solver, load_solver, save_solver
-from ecif.influence.objective import ContrastiveData, HeadsProblem, Scope, scope_from_dict
-from ecif.influence.test_functions import ZeroShotPrompts, validation_loss
-from ecif.models.heads import FinetuneConfig, split_trusted_rows
+from ecif.config import CurvatureConfig, FinetuneConfig, RunConfig
+from ecif.curvature.solvers import CurvatureSolver, build_solver, load_solver, save_solver
+from ecif.finetune import split_trusted_rows
+from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, Scope, scope_from_dict
+from ecif.objective.measurements import ZeroShotPrompts, validation_loss
 from ecif.paths import text_sha256
-from ecif.run import FEATURES_FILE, HEADS_FILE, Run
-from ecif.tasks.pipeline import RunConfig
+from ecif.run import FEATURES_FILE, HEADS_FILE, Run, atomic_write_with
 
 PROMPTS_FILE = "prompts.npz"
 CURVATURE_FILE = "curvature.safetensors"
@@ -36,9 +36,8 @@ def save_heads(path: Path, scope: Scope, theta: Tensor, theta0: Tensor, delta: f
     metadata = {"scope": json.dumps(scope.to_dict(), sort_keys=True)}
     if delta is not None:
         metadata["delta"] = repr(float(delta))
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file({"theta": theta.contiguous(), "theta0": theta0.contiguous()}, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    tensors = {"theta": theta.contiguous(), "theta0": theta0.contiguous()}
+    atomic_write_with(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def load_heads(path: Path) -> tuple[Scope, Tensor, Tensor]:
@@ -93,11 +92,11 @@ class Engine:
     asking for the same item waits for the first one's solve instead of repeating it."""
 
     @cached_property
-    def problem(self) -> HeadsProblem:
+    def problem(self) -> ContrastiveProblem:
         data = ContrastiveData.from_arrays(
             self.image[self.train_rows], self.text[self.train_rows], self.finetune.batch_size, self.finetune.batch_seed
         )
-        return HeadsProblem(self.scope, data, self.theta0, self.delta)
+        return ContrastiveProblem(self.scope, data, self.theta0, self.delta)
 
     @cached_property
     def trusted_data(self) -> ContrastiveData:

@@ -1,4 +1,4 @@
-"""Misprediction trace-back (ECIF_METHOD §7): which training pairs pushed the model to a wrong answer.
+"""Misprediction trace-back (docs/method.md §7): which training pairs pushed the model to a wrong answer.
 
 For a test item the test function is the cross-entropy of its right answer.  An item with a true
 class is asked for it among the class prompts (zero-shot classification); an item without one (a
@@ -8,7 +8,7 @@ loss if the pair is removed: **culprits** have negative influence (removing them
 item), **supporters** positive (they hold up the right answer).  The default ranking is the
 relative score ``Δφ_n / ‖Δθ_n‖_H`` (RelatIF) so that a few high-leverage pairs do not top every query.
 
-A pair acts in two roles (ECIF_METHOD §1): through its own image–caption link (positive) and as a
+A pair acts in two roles (docs/method.md §1): through its own image–caption link (positive) and as a
 negative inside the softmax of the other pairs of its batch.  A correct pair can be a real culprit
 through the negative role alone: for instance, a genuine red circle whose caption is word for word
 that of a mislabelled red square in its batch pushes that caption away from circle images, towards
@@ -29,11 +29,16 @@ import torch
 from torch import Tensor
 
 from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_of, influence_on, relative_influence
-from ecif.influence.test_functions import TestFunction, ZeroShotPrompts, class_embeddings, logits_against, zero_shot_loss
+from ecif.objective.measurements import (
+    TestFunction,
+    ZeroShotPrompts,
+    class_embeddings,
+    logits_against,
+    zero_shot_loss,
+)
 from ecif.run import MISPREDICTIONS_FILE, Run
 from ecif.tasks.engine import Engine, load_engine, split_rows
-from ecif.tasks.evaluate import influence_table
-
+from ecif.tasks.scoring import influence_table
 
 RankBy = Literal["total", "positive"]
 StepNorm = Literal["hessian", "euclidean"]
@@ -168,10 +173,11 @@ def items_loss(engine: Engine, items: Items) -> TestFunction:
 ANSWER_CHUNK = 1024
 
 
-def zero_shot_answers(
+def answers_among(
     engine: Engine, theta: Tensor, rows: np.ndarray, classes: np.ndarray, prompts: ZeroShotPrompts | None = None
 ) -> dict[str, np.ndarray]:
-    """Answers under heads ``theta`` for manifest ``rows`` whose right answers are ``classes`` (indices into ``prompts``).
+    """Answers under heads ``theta`` for manifest ``rows`` among ``prompts`` (class prompts for zero-shot, or
+    captions for retrieval), whose right answers are ``classes`` (indices into ``prompts``).
 
     ``prompts`` defaults to the run's class prompts.  Arrays ``[k]``: ``label`` and ``predicted``
     (answer names: classes, or captions for retrieval), ``prob_true``, ``prob_predicted``, ``loss``
@@ -202,11 +208,11 @@ def zero_shot_answers(
 
 
 def item_answers(engine: Engine, theta: Tensor, items: Items) -> dict[str, np.ndarray]:
-    """:func:`zero_shot_answers` for mixed items, in ``items.rows`` order, plus ``kind`` (zero-shot / retrieval)."""
+    """:func:`answers_among` for mixed items, in ``items.rows`` order, plus ``kind`` (zero-shot / retrieval)."""
     answers: dict[str, np.ndarray] = {}
     rows, classes = np.asarray(items.rows), np.asarray(items.answers)
     for candidates, positions in items.groups():
-        part = zero_shot_answers(engine, theta, rows[positions], classes[positions], candidate_prompts(engine, candidates))
+        part = answers_among(engine, theta, rows[positions], classes[positions], candidate_prompts(engine, candidates))
         part["kind"] = np.full(len(positions), ZERO_SHOT if candidates is None else RETRIEVAL, dtype=object)
         for name, values in part.items():
             answers.setdefault(name, np.empty(len(rows), dtype=values.dtype))[positions] = values

@@ -1,11 +1,11 @@
-"""The contrastive objective of ECIF_METHOD §1 and the per-pair removal terms of §2, as pure functions.
+"""The contrastive objective of docs/method.md §1 and the per-pair removal terms of §2, as pure functions.
 
 Notation (shapes in brackets, N pairs, d/d' backbone widths, e embedding width):
 
 - ``image [N, d]``, ``text [N, d']``: cached backbone features (pre-projection), float64.
 - ``theta [P]``: the influence scope, a flat vector; :class:`HeadsScope` splits it into
   ``W_image [d, e]``, ``W_text [d', e]`` and the log logit scale ``ℓ``.  The wider
-  :class:`ecif.influence.blocks.BlocksScope` also holds the last transformer block(s); its features
+  :class:`ecif.objective.blocks.BlocksScope` also holds the last transformer block(s); its features
   are those blocks' token inputs.  Every function here sees a scope only through
   ``project_image``/``project_text``/``log_scale``, so it works for both.
 - ``u = normalize(image @ W_image)``, ``v = normalize(text @ W_text)``, ``s_ij = exp(ℓ) u_i·v_j``.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ecif.influence.blocks import BlocksScope
+    from ecif.objective.blocks import BlocksScope
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class HeadsScope:
 
 def scope_from_dict(settings: dict) -> Scope:
     """A scope from its :meth:`to_dict` (records without ``kind`` are heads scopes)."""
-    from ecif.influence.blocks import BlocksScope
+    from ecif.objective.blocks import BlocksScope
 
     return BlocksScope.from_dict(settings) if settings.get("kind") == "blocks" else HeadsScope.from_dict(settings)
 
@@ -235,10 +235,16 @@ def embed(scope: Scope, theta: Tensor, image: Tensor, text: Tensor) -> tuple[Ten
     return u, v, scope.log_scale(theta).exp()
 
 
+def logits_from_projections(z_image: Tensor, z_text: Tensor, log_scale: Tensor) -> Tensor:
+    """``S [..., B, B]`` with ``S[i, j] = exp(ℓ) u_i·v_j`` from the projections before normalisation."""
+    u = torch.nn.functional.normalize(z_image, dim=-1)
+    v = torch.nn.functional.normalize(z_text, dim=-1)
+    return log_scale.exp() * (u @ v.transpose(-1, -2))
+
+
 def batch_logits(scope: Scope, theta: Tensor, image: Tensor, text: Tensor) -> Tensor:
     """``S [..., B, B]`` with ``S[i, j] = exp(ℓ) u_i·v_j`` for one batch or a stack of batches."""
-    u, v, scale = embed(scope, theta, image, text)
-    return scale * (u @ v.transpose(-1, -2))
+    return logits_from_projections(scope.project_image(theta, image), scope.project_text(theta, text), scope.log_scale(theta))
 
 
 _MASKED_LOGIT = -1e4  # exp(-1e4) is exactly 0 in float64: padding drops out of every softmax
@@ -315,7 +321,7 @@ def contrastive_loss(scope: Scope, theta: Tensor, data: ContrastiveData) -> Tens
 
 
 def objective(scope: Scope, theta: Tensor, data: ContrastiveData, theta0: Tensor, delta: float) -> Tensor:
-    """``R(θ) = (1/N) Σ (a_i + b_i) + (δ/2)‖θ − θ₀‖²`` (ECIF_METHOD §1)."""
+    """``R(θ) = (1/N) Σ (a_i + b_i) + (δ/2)‖θ − θ₀‖²`` (docs/method.md §1)."""
     return contrastive_loss(scope, theta, data) + 0.5 * delta * torch.sum((theta - theta0) ** 2)
 
 
@@ -336,7 +342,7 @@ def prenormalisation_norms(scope: Scope, theta: Tensor, image: Tensor, text: Ten
 
 
 @dataclass
-class HeadsProblem:
+class ContrastiveProblem:
     """Everything that defines ``R(θ)``: scope, training data with its batching, ``θ₀`` and ``δ``."""
 
     scope: Scope
@@ -347,5 +353,5 @@ class HeadsProblem:
     def objective(self, theta: Tensor) -> Tensor:
         return objective(self.scope, theta, self.data, self.theta0, self.delta)
 
-    def with_data(self, data: ContrastiveData) -> HeadsProblem:
-        return HeadsProblem(self.scope, data, self.theta0, self.delta)
+    def with_data(self, data: ContrastiveData) -> ContrastiveProblem:
+        return ContrastiveProblem(self.scope, data, self.theta0, self.delta)

@@ -1,4 +1,4 @@
-"""Cleaning (ECIF_METHOD §4, §7): predict what a set of decisions does, edit the model, verify.
+"""Editing the data (docs/method.md §4, §7): predict what a set of decisions does, edit the model, verify.
 
 Decisions are manifest rows to drop and rows to relabel (new caption).  Three answers, side by
 side, from cheapest to most expensive:
@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ecif.finetune import finetune_heads
 from ecif.influence.scores import newton_edit, predicted_step, reduced_problem
-from ecif.influence.test_functions import retrieval_accuracy, zero_shot_accuracy
-from ecif.models.heads import finetune_heads, write_scope
+from ecif.models.scope import write_scope
+from ecif.objective.measurements import retrieval_accuracy, zero_shot_accuracy
 from ecif.run import Run, atomic_write_json
 from ecif.tasks.engine import Engine, load_engine, split_rows
 from ecif.tasks.trace import item_answers, item_targets, item_uids

@@ -1,4 +1,4 @@
-"""Test functions ``φ(θ)`` whose change under removal ECIF predicts (ECIF_METHOD §3).
+"""Test functions ``φ(θ)`` whose change under removal ECIF predicts (docs/method.md §3).
 
 A test function is any differentiable ``θ [P] → scalar``.  The built-ins are the trusted-set
 contrastive loss and the zero-shot cross-entropy of images against class prompts (prompt
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ecif.influence.objective import ContrastiveData, Scope, contrastive_loss, embed
+from ecif.objective.contrastive import ContrastiveData, Scope, contrastive_loss, embed
 
 TestFunction = Callable[[Tensor], Tensor]
 

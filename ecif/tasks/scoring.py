@@ -1,4 +1,4 @@
-"""Data evaluation (ECIF_METHOD §7): every training pair's influence on the trusted set, with baselines.
+"""The scoring stage (docs/method.md §7): every training pair's influence on the trusted set, with baselines.
 
 Sign convention: ``influence`` is the predicted change of the trusted-set contrastive loss if the
 pair is removed.  Negative = removing it lowers the loss = **harmful**; positive = **valuable**.
@@ -13,38 +13,20 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ecif.influence.objective import clip_scores, embed, pair_losses
-from ecif.influence.scores import PairInfluence, influence_on, self_influence, gradient_of
+from ecif.influence.columns import DIRECTIONAL_COLUMNS
+from ecif.influence.scores import PairInfluence, gradient_of, influence_on, self_influence
+from ecif.objective.contrastive import clip_scores, embed, pair_losses
 from ecif.progress import Reporter, as_reporter
-from ecif.run import EMBEDDINGS_FILE, Run
+from ecif.run import EMBEDDINGS_FILE, Run, atomic_write_with
 from ecif.tasks.engine import Engine, load_engine
 
-INFLUENCE_COLUMNS = (
-    "influence",
-    "influence_pos",
-    "influence_neg",
-    "influence_first_order",
-    "influence_pos_only",
-    "self_influence",
-    "self_influence_first_order",
-)
-BASELINE_COLUMNS = ("clip_score", "loss")
 CARRIED_COLUMNS = ("uid", "filepath", "caption", "split", "label")
 EMBEDDING_CHUNK_ROWS = 4096
 
 
 def influence_table(engine: Engine, influence: PairInfluence) -> pd.DataFrame:
     """The influence columns for the training rows, in training order."""
-    return pd.DataFrame(
-        {
-            "row": engine.train_rows,
-            "influence": influence.influence,
-            "influence_pos": influence.influence_pos,
-            "influence_neg": influence.influence_neg,
-            "influence_first_order": influence.influence_first_order,
-            "influence_pos_only": influence.influence_pos_only,
-        }
-    )
+    return pd.DataFrame({"row": engine.train_rows, **{name: getattr(influence, name) for name in DIRECTIONAL_COLUMNS}})
 
 
 def suggested_actions(scores: pd.DataFrame, harmful_fraction: float = 0.05) -> pd.Series:
@@ -117,6 +99,4 @@ def write_embeddings(run: Run | str) -> None:
             image.append(u.numpy().astype(np.float32))
             text.append(v.numpy().astype(np.float32))
     path = engine.run.path(EMBEDDINGS_FILE)
-    temporary = path.with_name(".embeddings.tmp.npz")
-    np.savez(temporary, image=np.concatenate(image), text=np.concatenate(text))
-    temporary.replace(path)
+    atomic_write_with(path, lambda temporary: np.savez(temporary, image=np.concatenate(image), text=np.concatenate(text)))

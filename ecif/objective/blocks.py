@@ -1,6 +1,6 @@
 """The wider influence scope: the last transformer block(s) of each tower, their final norm and the heads.
 
-ECIF_METHOD's default scope is the pair of projection heads on cached backbone features.  This scope
+The default scope (docs/method.md §6) is the pair of projection heads on cached backbone features.  This scope
 also lets the last ``k`` residual attention blocks of each tower move, so a pair's influence can act
 through what the towers compute, not only through how their outputs are projected.  Its features are
 the cached *inputs* of the first block in scope, every token of them:

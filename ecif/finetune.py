@@ -1,6 +1,6 @@
 """Fine-tuning the influence scope (both projection heads, or more) on cached features to a true minimiser.
 
-ECIF is a statement about the minimiser ``θ̂`` of ``R`` (ECIF_METHOD §1), so this step is part of the
+ECIF is a statement about the minimiser ``θ̂`` of ``R`` (docs/method.md §1), so this step is part of the
 method: L-BFGS on the full, deterministic objective, then Newton–CG polish until the gradient norm is
 below tolerance, and a report of the three numbers that say whether influence can be trusted: the
 final gradient norm, the smallest Hessian eigenvalue and the smallest pre-normalisation norm.
@@ -16,96 +16,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ecif.config import FinetuneConfig
 from ecif.curvature.solvers import (
     ConjugateGradientSolver,
     CurvatureNotPositiveDefinite,
     CurvatureSolver,
     lanczos_smallest_eigenvalue_estimate,
 )
-from ecif.influence.objective import ContrastiveData, HeadsProblem, HeadsScope, Scope, contrastive_loss, prenormalisation_norms
+from ecif.objective.contrastive import (
+    ContrastiveData,
+    ContrastiveProblem,
+    HeadsScope,
+    Scope,
+    contrastive_loss,
+    prenormalisation_norms,
+)
 from ecif.progress import Reporter, as_reporter
-
-
-AUTO_DELTA = "auto"
-DELTA_GRID = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of the heads fine-tuning.
-
-    ``delta`` is the penalty ``δ`` towards the starting heads ``θ₀``: a number, or ``"auto"`` (the
-    default) to choose it on held-out trusted data (:func:`select_delta`): fine-tune at every δ of
-    ``delta_grid`` (largest first, each warm-started from the previous minimiser), keep the δ whose
-    fine-tune reached a well-conditioned minimiser, and take the one with the lowest contrastive loss
-    on ``selection_fraction`` of the trusted split (drawn with ``selection_seed``).  Influence is then
-    measured on the rest of the trusted split only, so the δ was not chosen on the data it is judged on.
-    Each grid point may spend ``sweep_lbfgs_iterations`` and a ``sweep_check_products``-product
-    eigenvalue check; the chosen δ gets the full check.  Too weak a penalty lets projected features
-    collapse towards the origin, where ``normalize`` is singular and no minimiser is reached; too
-    strong a one keeps the heads at ``θ₀`` and leaves the curvature ≈ ``δ·I``, where influence says
-    little about the data.
-
-    ``blocks`` widens the influence scope from the heads to the heads plus the last ``blocks``
-    transformer blocks of each tower (:mod:`ecif.influence.blocks`); 0 keeps the heads only.
-    """
-
-    delta: float | str = AUTO_DELTA
-    delta_grid: tuple[float, ...] = DELTA_GRID
-    selection_fraction: float = 0.5
-    selection_seed: int = 0
-    blocks: int = 0
-    batch_size: int = 64
-    batch_seed: int = 0
-    learn_logit_scale: bool = False
-    gradient_tolerance: float = 1e-7
-    max_lbfgs_iterations: int = 3000
-    newton_steps: int = 5
-    newton_start_gradient: float = 1e-3
-    min_prenorm_warning: float = 1e-2
-    curvature_check_products: int | None = None
-    sweep_check_products: int = 60
-    sweep_lbfgs_iterations: int = 500
-
-    def __post_init__(self) -> None:
-        self.delta = parse_delta(self.delta)
-        self.delta_grid = tuple(sorted((float(value) for value in self.delta_grid), reverse=True))
-        if not self.delta_grid or min(self.delta_grid) <= 0:
-            raise ValueError(f"delta_grid must hold positive penalties, got {self.delta_grid}")
-        if not 0 < self.selection_fraction < 1:
-            raise ValueError(f"selection_fraction must lie strictly between 0 and 1, got {self.selection_fraction}")
-
-    @property
-    def auto_delta(self) -> bool:
-        return self.delta == AUTO_DELTA
-
-    def check_products(self, scope: Scope) -> int:
-        """Curvature-vector products the smallest-eigenvalue check may spend (Lanczos).
-
-        ``curvature_check_products`` when set; by default 800 for the heads scope and 100 for the
-        blocks scope, where each product is a pass through the blocks over the whole training set
-        (measured 0.16 s for 128 demo pairs; linear in N).  Fewer products leave the estimate an upper bound: a negative
-        value still proves the curvature indefinite, and a later conjugate gradient reports one it meets.
-        """
-        if self.curvature_check_products is not None:
-            return self.curvature_check_products
-        return 800 if isinstance(scope, HeadsScope) else 100
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def parse_delta(value: float | str) -> float | str:
-    """``"auto"`` or a positive penalty (a number or its text, as the command line gives it)."""
-    if isinstance(value, str) and value.strip().lower() == AUTO_DELTA:
-        return AUTO_DELTA
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"delta must be 'auto' or a positive number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"delta must be 'auto' or a positive number, got {value!r}")
-    return number
 
 
 @dataclass
@@ -129,42 +55,12 @@ class FinetuneReport:
         return asdict(self)
 
 
-def initial_scope(model: torch.nn.Module, blocks: int = 0, learn_logit_scale: bool = False) -> tuple[Scope, Tensor]:
-    """The influence scope of an open_clip ``model`` and its starting point ``θ₀ [P]`` (float64).
-
-    ``blocks = 0``: the projection heads (:class:`HeadsScope`); ``k > 0``: the heads plus the last
-    ``k`` transformer blocks of each tower and their final norms (:class:`ecif.influence.blocks.BlocksScope`).
-    """
-    if blocks:
-        from ecif.models.blocks import blocks_scope
-
-        return blocks_scope(model, blocks, learn_logit_scale)
-    from ecif.models.features import get_heads
-
-    heads = get_heads(model)
-    scope = HeadsScope(heads.image.shape[0], heads.text.shape[0], heads.image.shape[1], heads.log_logit_scale, learn_logit_scale)
-    return scope, scope.join(torch.as_tensor(heads.image), torch.as_tensor(heads.text), heads.log_logit_scale)
-
-
-def write_scope(model: torch.nn.Module, scope: Scope, theta: Tensor) -> None:
-    """Write ``theta [P]`` of ``scope`` into ``model`` in place (the inverse of :func:`initial_scope`)."""
-    if isinstance(scope, HeadsScope):
-        from ecif.models.features import set_heads
-
-        w_image, w_text, log_scale = scope.split(theta)
-        set_heads(model, w_image.numpy(), w_text.numpy(), float(log_scale))
-    else:
-        from ecif.models.blocks import set_blocks
-
-        set_blocks(model, scope, theta)
-
-
-def _gradient_norm(problem: HeadsProblem, theta: Tensor) -> float:
+def _gradient_norm(problem: ContrastiveProblem, theta: Tensor) -> float:
     return float(torch.func.grad(problem.objective)(theta).norm())
 
 
 def finetune_heads(
-    problem: HeadsProblem,
+    problem: ContrastiveProblem,
     theta_start: Tensor | None = None,
     config: FinetuneConfig | None = None,
     reporter: Reporter | None = None,
@@ -224,7 +120,7 @@ def finetune_heads(
     return theta, report
 
 
-def _lbfgs(problem: HeadsProblem, theta: Tensor, config: FinetuneConfig, reporter: Reporter) -> tuple[Tensor, int]:
+def _lbfgs(problem: ContrastiveProblem, theta: Tensor, config: FinetuneConfig, reporter: Reporter) -> tuple[Tensor, int]:
     """L-BFGS in rounds of 50 iterations until the gradient norm is within 100× the tolerance."""
     optimiser = torch.optim.LBFGS(
         [theta],
@@ -254,11 +150,11 @@ def _lbfgs(problem: HeadsProblem, theta: Tensor, config: FinetuneConfig, reporte
     return theta.detach(), int(iterations)
 
 
-def convergence_report(problem: HeadsProblem, theta: Tensor, config: FinetuneConfig | None = None) -> FinetuneReport:
+def convergence_report(problem: ContrastiveProblem, theta: Tensor, config: FinetuneConfig | None = None) -> FinetuneReport:
     """Gradient norm, smallest Hessian eigenvalue (Lanczos) and smallest pre-normalisation norm at ``θ``."""
     config = config or FinetuneConfig()
     gradient_norm = _gradient_norm(problem, theta)
-    estimate = lanczos_smallest_eigenvalue_estimate(problem, theta, max_products=config.check_products(problem.scope))
+    estimate = lanczos_smallest_eigenvalue_estimate(problem, theta, max_products=config.check_products(isinstance(problem.scope, HeadsScope)))
     smallest_eigenvalue = estimate.value
     smallest_norm = float(prenormalisation_norms(problem.scope, theta, problem.data.image, problem.data.text).min())
     warnings = []
@@ -367,7 +263,7 @@ def select_delta(
     )
     for position, delta in enumerate(grid):
         reporter.report(f"fine-tune (δ = {delta:g}, {position + 1} of {len(grid)})", position, len(grid))
-        theta, report = finetune_heads(HeadsProblem(scope, data, theta0, delta), start, replace(quick, delta=delta))
+        theta, report = finetune_heads(ContrastiveProblem(scope, data, theta0, delta), start, replace(quick, delta=delta))
         held_out = float(contrastive_loss(scope, theta, selection))
         sweep.append(
             {
@@ -393,7 +289,7 @@ def select_delta(
         sweep.append({"delta": delta, "skipped": "a stronger penalty already failed to converge"})
     reporter.report("fine-tune (δ chosen)", len(grid), len(grid))
     for held_out, delta, theta, report in sorted(candidates, key=lambda candidate: candidate[0]):
-        full = convergence_report(HeadsProblem(scope, data, theta0, delta), theta, replace(config, delta=delta))
+        full = convergence_report(ContrastiveProblem(scope, data, theta0, delta), theta, replace(config, delta=delta))
         full.lbfgs_iterations, full.newton_steps, full.seconds = report.lbfgs_iterations, report.newton_steps, report.seconds
         point = next(point for point in sweep if point["delta"] == delta)
         point["smallest_hessian_eigenvalue"] = full.smallest_hessian_eigenvalue
@@ -403,7 +299,7 @@ def select_delta(
         point["converged"], point["warnings"] = False, full.warnings
     else:
         delta = grid[0]
-        theta, report = finetune_heads(HeadsProblem(scope, data, theta0, delta), theta0, replace(config, delta=delta))
+        theta, report = finetune_heads(ContrastiveProblem(scope, data, theta0, delta), theta0, replace(config, delta=delta))
         report.warnings.append(f"no penalty of the grid {list(grid)} reached a well-conditioned minimiser; kept the strongest")
     return DeltaSelection(delta, theta, report, sweep, selection.n_pairs)
 
