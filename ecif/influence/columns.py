@@ -68,7 +68,6 @@ DERIVED_COLUMNS = {
     "suggested_action": "`drop` / `relabel` / `keep`, proposed from the scores (the curator decides)",
 }
 
-BY_NAME = {column.name: column for column in SCORE_COLUMNS}
 #: column → sign that makes "higher = more suspicious".
 SUSPICION: dict[str, float] = {column.name: column.suspicious_sign for column in SCORE_COLUMNS}
 DETECTION_COLUMNS = tuple(column.name for column in SCORE_COLUMNS if column.detector)
@@ -76,8 +75,6 @@ INFLUENCE_COLUMNS = tuple(column.name for column in SCORE_COLUMNS if column.name
 #: what :class:`ecif.influence.scores.PairInfluence` holds: one influence per pair along ``H⁻¹∇φ``.
 DIRECTIONAL_COLUMNS = tuple(name for name in INFLUENCE_COLUMNS if name.startswith("influence"))
 SELF_INFLUENCE_COLUMNS = {"self_influence": "exact", "self_influence_first_order": "first_order"}
-BASELINE_COLUMNS = tuple(column.name for column in SCORE_COLUMNS if not column.name.startswith(("influence", "self_influence")))
-STREAMED_COLUMNS = tuple(column.name for column in SCORE_COLUMNS if column.streamed)
 
 
 def markdown_table() -> str:
