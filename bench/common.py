@@ -194,13 +194,15 @@ def scored_demo_run(
     batch_size: int | None = None,
     checkpoint: Path | None = None,
     delta: float | None = None,
+    solver: str = "dense",
 ):
     """A demo run scored up to the ``scores`` stage (resumes whatever already finished).
 
     ``checkpoint``: score with this already-trained ``ecif-demo`` checkpoint instead of training the
     demo CLIP on the manifest (e.g. to compare fine-tuning settings on the very same backbone).
     ``delta``: the fine-tuning penalty towards the starting heads, when asked for explicitly (adds a
-    ``-dX`` suffix to the folder).
+    ``-dX`` suffix to the folder). ``solver``: the curvature solver; anything but the dense reference
+    adds a ``-sNAME`` suffix.
 
     A folder that already holds a run keeps the settings it was made with (recorded in run.json),
     even if the library's defaults changed since; the scripts print and record those settings.
@@ -217,6 +219,8 @@ def scored_demo_run(
         run_dir = run_dir.with_name(f"{run_dir.name}-ckpt{file_sha256(checkpoint)[:8]}")
     if delta is not None:
         run_dir = run_dir.with_name(f"{run_dir.name}-d{delta:g}")
+    if solver != "dense":
+        run_dir = run_dir.with_name(f"{run_dir.name}-s{solver}")
     stored = Run(run_dir).info.get("settings") if (run_dir / "run.json").exists() else None
     if stored:
         config = RunConfig.from_settings(run_dir, stored)
@@ -225,7 +229,7 @@ def scored_demo_run(
         # it, the peers reuse its stored factor); the library's `auto` takes EK-FAC-preconditioned CG.
         config = ecif.RunConfig(
             run_dir=run_dir, demo=ecif.DemoDataConfig(name=name, n=n, noise=noise, corruption=corruption, seed=seed),
-            curvature=ecif.CurvatureConfig(solver="dense"),
+            curvature=ecif.CurvatureConfig(solver=solver),
         )
         if batch_size:
             config.finetune = dataclasses.replace(config.finetune, batch_size=batch_size)

@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="score with a demo CLIP trained on a separate clean demo set (the paper's protocol: pretrained model, "
         "noisy fine-tuning data) instead of one trained on each noisy manifest; results go to NAME-pretrained",
     )
+    parser.add_argument(
+        "--solver", default="dense",
+        help="curvature solver (default dense, the reference; 'auto' is what the product runs); other than dense: own run folder",
+    )
     add_common_arguments(parser, name="detect")
     args = parser.parse_args(argv)
     if args.n is None:
@@ -92,12 +96,13 @@ def settings_of(args) -> list[tuple[str, float, str]]:
 
 
 def evaluate_setting(
-    work: Path, name: str, n: int, noise: float, corruption: str, seed: int, batch_size: int | None = None, checkpoint: Path | None = None
+    work: Path, name: str, n: int, noise: float, corruption: str, seed: int, batch_size: int | None = None,
+    checkpoint: Path | None = None, solver: str = "dense",
 ) -> dict:
     import ecif
 
     started = time.perf_counter()
-    run = scored_demo_run(work, name, n, noise, corruption, seed, batch_size, checkpoint)
+    run = scored_demo_run(work, name, n, noise, corruption, seed, batch_size, checkpoint, solver=solver)
     scores = run.scores()
     report = ecif.detection_report(scores)
     stages = run.info.get("stages", {})
@@ -215,7 +220,7 @@ def main(argv=None) -> dict:
         log(f"setting {position}/{len(settings)}: {name} {noise:.0%} {corruption}")
         try:
             checkpoint = pretraining_pool_checkpoint(work, name, args.n, args.seed) if args.pretrained_pool else args.checkpoint
-            results.append(evaluate_setting(work, name, args.n, noise, corruption, args.seed, args.batch_size, checkpoint))
+            results.append(evaluate_setting(work, name, args.n, noise, corruption, args.seed, args.batch_size, checkpoint, args.solver))
         except Exception as error:  # keep going: one broken setting must not lose the others
             log(f"setting {name} {noise:.0%} {corruption} FAILED: {type(error).__name__}: {error}")
             failures.append({"data": name, "noise": noise, "corruption": corruption, "error": f"{type(error).__name__}: {error}"})
