@@ -87,6 +87,62 @@ def _clip_model_output():
     return CLIPModelOutput, _CLIPModelOutput
 
 
+def _objective_model_output():
+    """TRAK's CLIP margin made to match ecif's objective: the model's logit scale inside the margin,
+    and a pair's negatives = the other members of its own fixed reference batch (not a random
+    simulated batch).  Each example carries its batch's other unit embeddings at the checkpoint
+    (``negative_image [W, e]``, ``negative_text [W, e]``, ``mask [W]``), held constant as TRAK does::
+
+        f(z_n) = −log Σ_{k∈B(n)∖n} exp(−s·u_n·(v_n − v_k)) − log Σ_{k∈B(n)∖n} exp(−s·v_n·(u_n − u_k))
+
+    i.e. ``log(p/(1−p))`` of the pair's own softmax probability in each direction (``s = exp(ℓ)``),
+    whose loss ``−log p`` has out-to-loss derivative ``Q = 1 − p`` (mean of the two directions).
+    """
+    import torch as ch
+    from trak.modelout_functions import AbstractModelOutput
+
+    class ObjectiveMarginOutput(AbstractModelOutput):
+        def __init__(self) -> None:
+            super().__init__()
+
+        @staticmethod
+        def _logits(model, weights, buffers, image, text, negative_image, negative_text, mask):
+            u, v, scale = ch.func.functional_call(model, (weights, buffers), args=(), kwargs={"image": image, "text": text})
+            own = scale * (u * v).sum(-1, keepdim=True)  # [B, 1]
+            rows = scale * ch.einsum("be,bwe->bw", u, negative_text)  # image n against the batch's captions
+            columns = scale * ch.einsum("be,bwe->bw", v, negative_image)
+            blocked = ch.where(mask, 0.0, -1e4)
+            return own, rows + blocked, columns + blocked
+
+        @staticmethod
+        def get_output(model, weights, buffers, image, text, negative_image, negative_text, mask):
+            own, rows, columns = ObjectiveMarginOutput._logits(
+                model, weights, buffers, image.unsqueeze(0), text.unsqueeze(0), negative_image.unsqueeze(0),
+                negative_text.unsqueeze(0), mask.unsqueeze(0))
+            return (-ch.logsumexp(rows - own, dim=1) - ch.logsumexp(columns - own, dim=1)).sum()
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):
+            own, rows, columns = self._logits(model, weights, buffers, *batch)
+            p_row = ch.sigmoid(own.squeeze(1) - ch.logsumexp(rows, dim=1))
+            p_column = ch.sigmoid(own.squeeze(1) - ch.logsumexp(columns, dim=1))
+            return (1 - (p_row + p_column) / 2).reshape(-1, 1).clone().detach()
+
+    return ObjectiveMarginOutput
+
+
+def _with_negatives(scope: HeadsScope, theta: torch.Tensor, data: ContrastiveData, batch: torch.Tensor):
+    """One featurize/score batch for the objective margin: features plus each member's batch-mates."""
+    with torch.no_grad():
+        u, v, _ = embed(scope, theta, data.image[batch], data.text[batch])
+    width = len(batch)
+    mask = ~torch.eye(width, dtype=torch.bool)
+    return (data.image[batch].float(), data.text[batch].float(), u.float().expand(width, -1, -1).contiguous(),
+            v.float().expand(width, -1, -1).contiguous(), mask)
+
+
+OUTPUTS = ("traker-clip", "objective")
+
+
 def trak_matrix(
     problem: ContrastiveProblem,
     theta: torch.Tensor,
@@ -96,19 +152,30 @@ def trak_matrix(
     lambda_reg: float = 0.0,
     seed: int = 0,
     save_dir: str | Path | None = None,
+    output: str = "traker-clip",
+    checkpoints: list[tuple[torch.Tensor, ContrastiveData]] | None = None,
     **_ignored,
 ) -> np.ndarray:
-    """TRAK scores ``[T, N]`` of every training pair for every validation pair (one checkpoint ``θ̂``)."""
+    """TRAK scores ``[T, N]`` of every training pair for every validation pair.
+
+    ``output``: ``"traker-clip"`` (traker's stock CLIP margin: no logit scale, a random simulated
+    batch) or ``"objective"`` (:func:`_objective_model_output`).  ``lambda_reg``: traker's ridge on
+    ``X̃ᵀX̃`` (with traker's normalisation the objective's own penalty corresponds to ``δ·N``).
+    ``checkpoints``: ``(θ_k, training data with the batching θ_k was fine-tuned with)`` to ensemble
+    (default: ``θ̂`` with the problem's own batching); traker sums the per-checkpoint scores.
+    """
     from trak import TRAKer
     from trak.projectors import BasicProjector, NoOpProjector, ProjectionType
 
-    data = problem.data
-    n_train, n_targets = data.n_pairs, validation.n_pairs
-    model = HeadsModule(problem.scope, theta).eval()
-    n_params = sum(p.numel() for p in model.parameters())
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown TRAK output {output!r}; choose one of {OUTPUTS}")
+    checkpoints = checkpoints or [(theta, problem.data)]
+    n_train, n_targets = problem.data.n_pairs, validation.n_pairs
+    models = [HeadsModule(problem.scope, checkpoint).eval() for checkpoint, _ in checkpoints]
+    n_params = sum(p.numel() for p in models[0].parameters())
     dim = int(proj_dim or min(2048, max(1, n_train // 2)))
     if dim >= n_params:
-        projector = NoOpProjector(device="cpu")
+        projector, dim = NoOpProjector(device="cpu"), n_params
     else:
         class _KeptBasicProjector(BasicProjector):
             def free_memory(self):  # keep the sketch: the single-block path never regenerates it
@@ -117,23 +184,31 @@ def trak_matrix(
         projector = _KeptBasicProjector(
             grad_dim=n_params, proj_dim=dim, seed=seed, proj_type=ProjectionType.normal, device="cpu", dtype=torch.float32
         )
-    width = max(len(b) for b in data.batches)
-    simulated = int(simulated_batch_size or width)
-    simulated = max(1, min(simulated, n_train - 1))
+    if output == "objective":
+        task = _objective_model_output()()
+    else:
+        width = max(len(b) for b in problem.data.batches)
+        simulated = max(1, min(int(simulated_batch_size or width), n_train - 1))
+        CLIPModelOutput, _CLIPModelOutput = _clip_model_output()
+        task = _CLIPModelOutput(temperature=None, simulated_batch_size=simulated)
 
-    with torch.no_grad():
-        u, v, _ = embed(problem.scope, theta, data.image, data.text)
-    CLIPModelOutput, _CLIPModelOutput = _clip_model_output()
-    CLIPModelOutput.image_embeddings = u.float()
-    CLIPModelOutput.text_embeddings = v.float()
-    CLIPModelOutput.num_computed_embeddings = n_train
-    task = _CLIPModelOutput(temperature=None, simulated_batch_size=simulated)
+    def stock_embeddings(checkpoint: torch.Tensor, data: ContrastiveData) -> None:
+        # CLIPModelOutput.get_embeddings allocates on CUDA; its class attributes are set directly.
+        with torch.no_grad():
+            u, v, _ = embed(problem.scope, checkpoint, data.image, data.text)
+        CLIPModelOutput.image_embeddings, CLIPModelOutput.text_embeddings = u.float(), v.float()
+        CLIPModelOutput.num_computed_embeddings = data.n_pairs
+
+    def batch_of(checkpoint: torch.Tensor, data: ContrastiveData, batch: torch.Tensor):
+        if output == "objective":
+            return _with_negatives(problem.scope, checkpoint, data, batch)
+        return data.image[batch].float(), data.text[batch].float()
 
     directory = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="ecif-trak-"))
-    torch.manual_seed(seed)  # the simulated batches are drawn with torch.multinomial
+    torch.manual_seed(seed)  # the stock output's simulated batches are drawn with torch.multinomial
     try:
         traker = TRAKer(
-            model=model,
+            model=models[0],
             task=task,
             train_set_size=n_train,
             save_dir=str(directory),
@@ -145,13 +220,20 @@ def trak_matrix(
             lambda_reg=lambda_reg,
             logging_level=logging.WARNING,
         )
-        traker.load_checkpoint(model.state_dict(), model_id=0)
-        for batch in data.batches:  # each pair featurized with its own reference batch (Q term)
-            traker.featurize(batch=(data.image[batch].float(), data.text[batch].float()), inds=batch.numpy())
+        for model_id, ((checkpoint, data), model) in enumerate(zip(checkpoints, models)):
+            traker.load_checkpoint(model.state_dict(), model_id=model_id)
+            if output != "objective":
+                stock_embeddings(checkpoint, problem.data)
+            for batch in data.batches:  # each pair featurized with its own reference batch (Q term)
+                traker.featurize(batch=batch_of(checkpoint, data, batch), inds=batch.numpy())
         traker.finalize_features()
-        traker.start_scoring_checkpoint(exp_name="validation", checkpoint=model.state_dict(), model_id=0, num_targets=n_targets)
-        for batch in validation.batches:
-            traker.score(batch=(validation.image[batch].float(), validation.text[batch].float()), inds=batch.numpy())
+        for model_id, ((checkpoint, _), model) in enumerate(zip(checkpoints, models)):
+            traker.start_scoring_checkpoint(exp_name="validation", checkpoint=model.state_dict(), model_id=model_id,
+                                            num_targets=n_targets)
+            if output != "objective":
+                stock_embeddings(checkpoint, problem.data)
+            for batch in validation.batches:
+                traker.score(batch=batch_of(checkpoint, validation, batch), inds=batch.numpy())
         scores = np.array(traker.finalize_scores(exp_name="validation"), dtype=np.float64)  # [N, T]
     finally:
         if not save_dir:
