@@ -96,6 +96,7 @@ def build_synthetic_run(directory: str | Path, n_train: int = 40, n_val: int = 1
         "influence": pos + neg, "influence_pos": pos, "influence_neg": neg,
         "influence_first_order": pos + 0.8 * neg,
         "self_influence": np.abs(pos) + rng.uniform(0, 0.1, n_train),
+        "self_influence_first_order": np.abs(pos) + rng.uniform(0, 0.1, n_train),
         "clip_score": clip, "loss": 2.0 - clip,
     })
     scores["rank"] = scores["influence"].rank(method="first").astype(int)

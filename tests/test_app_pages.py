@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 from streamlit.util import calc_hash
 
 from ecif.curation.review import open_store
+from ecif.tasks.detect import with_misalignment
 from app_fixtures import build_synthetic_run
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
@@ -52,12 +53,17 @@ def test_every_page_renders(run, page: str) -> None:
     assert at.header[0].value.lower().replace("-", "").startswith(page[:4].replace("-", ""))
 
 
-def test_grid_shows_a_page_of_cards_most_harmful_first(run) -> None:
+def test_grid_shows_a_page_of_cards_most_likely_misaligned_first(run) -> None:
     at = app(run)
     opens = [b for b in at.button if b.key and b.key.startswith("grid_open_")]
     assert len(opens) == 24
     first = int(opens[0].key.rsplit("_", 1)[1])
-    assert first == int(run.scores().sort_values("influence")["row"].iloc[0])
+    assert first == int(with_misalignment(run.scores()).sort_values("misalignment", ascending=False)["row"].iloc[0])
+    assert "most likely misaligned first" in at.header[0].value
+    at.selectbox(key="sort").set_value("influence").run()
+    opens = [b for b in at.button if b.key and b.key.startswith("grid_open_")]
+    assert int(opens[0].key.rsplit("_", 1)[1]) == int(run.scores().sort_values("influence")["row"].iloc[0])
+    assert "most harmful first" in at.header[0].value
     assert match_count(at) == 40
 
 
@@ -100,7 +106,7 @@ def test_bulk_action_needs_confirmation(run) -> None:
 
 
 def test_detail_view_from_uid(run) -> None:
-    scores = run.scores().sort_values("influence")
+    scores = with_misalignment(run.scores()).sort_values("misalignment", ascending=False)
     uid, second = scores["uid"].iloc[0], scores["uid"].iloc[1]
     at = app(run, uid=uid)
     assert not at.exception

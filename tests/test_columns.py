@@ -31,5 +31,5 @@ def test_streamed_scoring_names_what_it_leaves_out():
     from ecif.config import StreamingConfig
     from ecif.influence.streaming import columns_not_written
 
-    assert set(columns_not_written(StreamingConfig(self_influence=True))) == {"clip_score", "loss"}
-    assert set(columns_not_written(StreamingConfig())) == {"clip_score", "loss", *columns.SELF_INFLUENCE_COLUMNS}
+    assert set(columns_not_written(StreamingConfig(self_influence=True))) == {"misalignment", "clip_score", "loss"}
+    assert set(columns_not_written(StreamingConfig())) == {"misalignment", "clip_score", "loss", *columns.SELF_INFLUENCE_COLUMNS}

@@ -37,6 +37,7 @@ from fixtures_data import write_bad_manifest
 
 from ecif.curation.review import open_store
 from ecif.run import DECISIONS_FILE, SCORES_FILE, Run
+from ecif.tasks.detect import with_misalignment
 
 pytestmark = [
     pytest.mark.e2e,
@@ -110,8 +111,9 @@ def new_page(browser, request) -> Iterator[Callable[[], object]]:
 
 # ------------------------------------------------------------------------------------- helpers
 def ranked(run_dir: Path) -> pd.DataFrame:
-    """The run's scores, most harmful first."""
-    return pd.read_parquet(Path(run_dir) / SCORES_FILE).sort_values("rank").reset_index(drop=True)
+    """The run's scores in the Review page's default order: most likely misaligned first."""
+    scores = with_misalignment(pd.read_parquet(Path(run_dir) / SCORES_FILE))
+    return scores.sort_values("misalignment", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def state_of(run_dir: Path) -> pd.DataFrame:
@@ -181,7 +183,7 @@ def select_first_row(page, frame) -> None:
 
 # ------------------------------------------------------------------------------------- tests
 def test_full_curation_flow(run_copy: Path, servers, new_page, tmp_path: Path) -> None:
-    """Drop the most harmful pair, relabel another with the suggestion, trace a misprediction to
+    """Drop the most likely misaligned pair, relabel another with the suggestion, trace a misprediction to
     its culprits, export everything kept, and check every exported file from Python."""
     scores = ranked(run_copy)
     top = scores.iloc[0]
@@ -193,13 +195,13 @@ def test_full_curation_flow(run_copy: Path, servers, new_page, tmp_path: Path) -
     server = servers(run_copy)
     page = new_page()
     open_review(page, server, top_row)
-    assert page.get_by_text("Review · most harmful first").is_visible()
-    # The grid starts with the most harmful pair.
+    assert page.get_by_text("Review · most likely misaligned first").is_visible()
+    # The grid starts with the most likely misaligned pair.
     first_card = page.locator("[class*='st-key-grid_open_']").first
     assert f"st-key-grid_open_{top_row}" in first_card.get_attribute("class")
     screenshot(page, "01-review-initial.png")
 
-    # 1. Drop rank 1 from its card: the card then offers "restore" and SQLite says dropped.
+    # 1. Drop the first pair from its card: the card then offers "restore" and SQLite says dropped.
     click(page, f"grid_drop_{top_row}")
     button(page, f"grid_res_{top_row}").wait_for()
     assert "dropped" in card(page, f"grid_res_{top_row}").inner_text()

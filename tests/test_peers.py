@@ -127,6 +127,26 @@ def test_trak_runs_on_cpu_and_tracks_influence(toy):
     assert np.corrcoef(ensemble, ecif)[0, 1] > 0.2
 
 
+def test_trak_objective_margin_and_checkpoint_ensemble(toy):
+    """The margin matched to ecif's objective (logit scale, the fixed reference batch as negatives) with
+    traker's ridge at the objective's own penalty (λ = δ·N) tracks ECIF exact better than traker's stock
+    CLIP margin (measured Pearson 0.490 against 0.342 at the same λ, 0.360 at λ = 0.1); an ensemble of
+    one checkpoint twice is that checkpoint's scores (traker averages over checkpoints)."""
+    pytest.importorskip("trak")
+    problem, theta, validation = toy.problem, toy.theta, toy.validation
+    ecif = adapters.ecif_exact(problem, theta, validation)
+    ridge = float(problem.delta) * problem.data.n_pairs
+    matched = adapters.trak(problem, theta, validation, proj_dim=theta.numel(), lambda_reg=ridge, output="objective")
+    stock = adapters.trak(problem, theta, validation, proj_dim=theta.numel(), lambda_reg=ridge)
+    assert np.corrcoef(matched, ecif)[0, 1] > 0.42
+    assert np.corrcoef(matched, ecif)[0, 1] > np.corrcoef(stock, ecif)[0, 1] + 0.05
+    twice = adapters.trak(problem, theta, validation, proj_dim=theta.numel(), lambda_reg=ridge, output="objective",
+                          checkpoints=[(theta, problem.data), (theta, problem.data)])
+    np.testing.assert_allclose(twice, matched, rtol=1e-4, atol=1e-6 * np.abs(matched).max())
+    with pytest.raises(ValueError, match="unknown TRAK output"):
+        adapters.trak(problem, theta, validation, output="margin")
+
+
 def test_kronfluence_ekfac_tracks_gauss_newton_pos_only(toy):
     pytest.importorskip("kronfluence")
     from ecif.config import CurvatureConfig

@@ -18,6 +18,7 @@ from views import data
 from ecif.config import RunConfig
 from ecif.curation.review import Filters, open_store, review_table
 from ecif.curation.store import DecisionStore
+from ecif.influence.columns import MISALIGNMENT
 from ecif.jobs.launch import recorded_config
 from ecif.jobs.manager import JobManager
 from ecif.run import Run
@@ -33,7 +34,7 @@ class Context:
     table: pd.DataFrame | None = None  # scores + status + current caption (None until scored)
     view: pd.DataFrame | None = None  # ``table`` filtered and sorted as the sidebar says
     filters: Filters = field(default_factory=Filters)
-    sort_by: str = "influence"
+    sort_by: str = MISALIGNMENT
     reverse: bool = False
     pages: dict[str, Any] = field(default_factory=dict)
 

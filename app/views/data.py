@@ -13,6 +13,7 @@ from ecif.curation.media import thumbnail_path
 from ecif.index.neighbours import NeighbourIndex
 from ecif.jobs.manager import JobManager
 from ecif.run import EMBEDDINGS_FILE, INDEX_META_FILE, MISPREDICTIONS_FILE, SCORES_FILE, Run
+from ecif.tasks.detect import with_misalignment
 
 #: Shown while a page waits for an engine call (``ecif.trace``, ``ecif.predict_edit``, ...).
 ENGINE_SPINNER = ("Running {name}… (the first engine call after the server starts loads the run's "
@@ -38,8 +39,10 @@ def _read_frame(run: Run, name: str) -> pd.DataFrame | None:
 
 
 def scores(run: Run) -> pd.DataFrame | None:
-    """The run's scores table (None until the run is scored)."""
-    return _read_frame(run, SCORES_FILE)
+    """The run's scores table (None until the run is scored), with the default detector's column
+    (computed from the stored columns for runs scored before it existed)."""
+    table = _read_frame(run, SCORES_FILE)
+    return None if table is None else with_misalignment(table)
 
 
 def mispredictions(run: Run) -> pd.DataFrame | None:

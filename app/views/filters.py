@@ -79,6 +79,8 @@ def sidebar_filters(ctx: Context) -> None:
         sortable = [*score_columns(table), *(c for c in ("rank", "row") if c in table.columns)]
         sort_by = st.selectbox("Sort by", sortable, key="sort", bind="query-params", on_change=first_page,
                                help="Suspicious end first (most harmful for influence).")
+        st.caption("`misalignment` (the default) finds wrong captions; `influence` ranks what to remove to "
+                   "lower this model's loss on your trusted data.")
         reverse = st.toggle("Reverse order", key="reverse", bind="query-params", on_change=first_page)
         selection = st.session_state.get("map_rows")
         ctx.filters = Filters(ranges=ranges, statuses=list(statuses), splits=list(splits),

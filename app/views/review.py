@@ -83,8 +83,12 @@ def _bulk(ctx: Context) -> None:
             st.rerun()
 
 
+ORDER_TITLES = {"misalignment": "most likely misaligned first", "influence": "most harmful first"}
+
+
 def grid(ctx: Context) -> None:
-    st.header("Review · most harmful first")
+    order = ORDER_TITLES.get(ctx.sort_by, f"by {ctx.sort_by}")
+    st.header(f"Review · {order if not ctx.reverse else f'{order}, reversed'}")
     controls = st.columns([2, 2, 2, 3])
     per_page = controls[0].selectbox("Per page", [12, 24, 48, 96], index=1, key="per_page",
                                      bind="query-params")

@@ -37,8 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import common
-from bench import fidelity
+from bench import common, fidelity
 
 TUNE_REMOVALS = 25
 TRAK_OUTPUTS = ("traker-clip", "objective")

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ecif.cli.options import _add_run_options, _run_until
 from ecif.cli.output import _emit, _name_unconverged, _table
+from ecif.influence.columns import DETECTION_COLUMNS, MISALIGNMENT
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -20,7 +21,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("detect", help="flag misaligned pairs (and measure against ground truth)")
     p.add_argument("--run", required=True)
-    p.add_argument("--method", default="influence", choices=["influence", "self_influence", "self_influence_first_order"])
+    p.add_argument("--method", default=None, choices=DETECTION_COLUMNS,
+                   help=f"the score to rank by (default {MISALIGNMENT}, the detector of wrong captions; self_influence_first_order "
+                   "for streamed scores; influence ranks what to remove to lower the trusted-set loss instead)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_detect)
@@ -115,12 +118,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from ecif.tasks.detect import detection_report, flag
+    from ecif.tasks.detect import default_detector, detection_report, flag, with_misalignment
 
-    scores = _open_run(args.run).scores()
-    flagged = flag(scores, method=args.method, top_k=args.top_k)
-    payload: dict[str, Any] = {"flagged": flagged}
-    text = f"{len(flagged)} pairs flagged by {args.method}:\n" + _table(flagged, list(dict.fromkeys(["rank", "uid", "caption", "influence", args.method, "suspicion"])))
+    scores = with_misalignment(_open_run(args.run).scores())
+    method = args.method or default_detector(scores)
+    flagged = flag(scores, method=method, top_k=args.top_k)
+    payload: dict[str, Any] = {"flagged": flagged, "method": method}
+    text = f"{len(flagged)} pairs flagged by {method}:\n" + _table(flagged, list(dict.fromkeys(["rank", "uid", "caption", "influence", method, "suspicion"])))
     if "corrupted" in scores.columns:
         report = detection_report(scores)
         payload["metrics"] = report

@@ -37,7 +37,16 @@ class ScoreColumn:
 _NO_PAIR_EMBEDDINGS = ("streamed scoring keeps no per-pair embeddings or losses; the feature store's "
                        "pre-projection features give them with one more pass (not done yet)")
 
+#: The default detector of misaligned pairs (`ecif detect`, the Review page's first order); bench/detect_sweep.py measures it.
+MISALIGNMENT = "misalignment"
+
 SCORE_COLUMNS: tuple[ScoreColumn, ...] = (
+    ScoreColumn(MISALIGNMENT, 1.0, "standard deviations",
+                "**the detector of wrong captions** (the default order): how far the pair's CLIP-score lies below the "
+                "run's mean plus how far its first-order self-influence lies above it, each in standard deviations; "
+                "high = likely misaligned",
+                streamed=False, not_streamed_because="it needs `clip_score`, which streamed scoring does not write; "
+                "`self_influence_first_order` is the detector there"),
     ScoreColumn("influence", -1.0, "nats",
                 "ECIF (exact removal): predicted change of the trusted (validation) contrastive loss if the pair is removed; "
                 "negative = harmful"),
@@ -54,8 +63,7 @@ SCORE_COLUMNS: tuple[ScoreColumn, ...] = (
                 "`∇gᵀ H⁻¹ ∇g / N` of the pair's own terms: high = the model cannot fit it (a mislabel signal that needs "
                 "no trusted set)"),
     ScoreColumn("self_influence_first_order", 1.0, "nats²",
-                "the same with the first-order negative term: **the best ECIF column for finding wrong captions** "
-                "(`ecif detect --method self_influence_first_order`)"),
+                "the same with the first-order negative term: the better self-influence for finding wrong captions"),
     ScoreColumn("clip_score", -1.0, "cosine",
                 "cosine of image and caption under the fine-tuned heads (low = poor match)",
                 streamed=False, not_streamed_because=_NO_PAIR_EMBEDDINGS),

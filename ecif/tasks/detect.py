@@ -1,18 +1,55 @@
 """Misalignment detection (docs/method.md §7): flag pairs, and measure every score against ground truth.
 
 Each score column has a direction in which it is suspicious; :data:`SUSPICION` turns it into a
-"higher = more suspicious" number so every column is compared the same way.
+"higher = more suspicious" number so every column is compared the same way.  The default detector,
+:data:`MISALIGNMENT`, combines the two columns that find wrong captions best (bench/detect_sweep.py):
+neither wins everywhere, and their sum is within 0.01 average precision of the better one in every
+setting measured (the numbers are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from ecif.influence.columns import DETECTION_COLUMNS, SUSPICION
+from ecif.influence.columns import DETECTION_COLUMNS, MISALIGNMENT, SUSPICION
+
+MISALIGNMENT_INPUTS = ("clip_score", "self_influence_first_order")
+
+
+def standardised(values: np.ndarray) -> np.ndarray:
+    """``(x − mean) / sd`` over the run's training pairs (zeros where every value is the same)."""
+    values = np.asarray(values, dtype=float)
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+
+
+def misalignment(clip_score: np.ndarray, self_influence_first_order: np.ndarray) -> np.ndarray:
+    """The default detector ``[N]``: ``z(−clip_score) + z(self_influence_first_order)``, in standard deviations.
+
+    Higher = more likely a wrong caption.  A poor image–caption match (low CLIP-score) and a pair the
+    fine-tune cannot fit without bending the heads (high self-influence) are two views of the same
+    fault; which view is sharper depends on the backbone and the kind of corruption, and their
+    standardised sum was never more than 0.01 AP below the sharper one (bench/detect_sweep.py).
+    Nothing is fitted to labels: the z-scores use the run's own means and spreads.
+    """
+    return standardised(-np.asarray(clip_score, float)) + standardised(self_influence_first_order)
+
+
+def with_misalignment(scores: pd.DataFrame) -> pd.DataFrame:
+    """``scores`` with the :data:`MISALIGNMENT` column (added when absent and its inputs are there, e.g. runs
+    scored before it existed); unchanged otherwise."""
+    if MISALIGNMENT in scores.columns or not all(column in scores.columns for column in MISALIGNMENT_INPUTS):
+        return scores
+    out = scores.copy()
+    out[MISALIGNMENT] = misalignment(*(out[column].to_numpy(dtype=float) for column in MISALIGNMENT_INPUTS))
+    return out
+
+
+def default_detector(scores: pd.DataFrame) -> str:
+    """:data:`MISALIGNMENT` where it can be computed, else ``self_influence_first_order`` (streamed scores)."""
+    return MISALIGNMENT if MISALIGNMENT in with_misalignment(scores).columns else "self_influence_first_order"
 
 
 def suspicion(scores: pd.DataFrame, column: str) -> np.ndarray:
@@ -22,18 +59,23 @@ def suspicion(scores: pd.DataFrame, column: str) -> np.ndarray:
 
 def flag(
     scores: pd.DataFrame,
-    method: Literal["influence", "self_influence", "self_influence_first_order"] = "influence",
+    method: str | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
 ) -> pd.DataFrame:
     """Flagged pairs, most suspicious first.
 
-    ``method="influence"`` uses harm on the trusted set; the self-influences need no trusted set
-    (``"self_influence_first_order"`` is the better detector of wrong captions in bench/detect).
+    ``method``: a score column of :data:`DETECTION_COLUMNS`; default :func:`default_detector`
+    (:data:`MISALIGNMENT`, the detector of wrong captions).  ``"influence"`` answers a different
+    question: which pairs to remove to lower the trusted-set loss of this model.
     Give ``top_k`` or a ``threshold`` on the oriented score (for influence: flag when
     ``influence < -threshold``); with neither, every pair with harmful influence is flagged
-    (``influence < 0``), or for self-influence the top 10%.
+    (``influence < 0``), or for the other columns the top 10%.
     """
+    scores = with_misalignment(scores)
+    method = method or default_detector(scores)
+    if method not in SUSPICION:
+        raise ValueError(f"unknown detector {method!r}; choose one of {', '.join(DETECTION_COLUMNS)}")
     if method not in scores.columns:
         raise ValueError(
             f"the scores have no {method!r} column (scored by an older ecif version); "
@@ -64,6 +106,7 @@ def detection_report(
     """
     if truth not in scores.columns:
         raise ValueError(f"no ground-truth column {truth!r} in the scores (only planted demo data has one)")
+    scores = with_misalignment(scores)
     labels = scores[truth].astype(bool).to_numpy()
     if labels.all() or not labels.any():
         raise ValueError(f"ground truth {truth!r} has a single class; detection metrics are undefined")

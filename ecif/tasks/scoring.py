@@ -18,6 +18,7 @@ from ecif.influence.scores import PairInfluence, gradient_of, influence_on, self
 from ecif.objective.contrastive import clip_scores, embed, pair_losses
 from ecif.progress import Reporter, as_reporter
 from ecif.run import EMBEDDINGS_FILE, Run, atomic_write_with
+from ecif.tasks.detect import with_misalignment
 from ecif.tasks.engine import Engine, load_engine
 
 CARRIED_COLUMNS = ("uid", "filepath", "caption", "split", "label")
@@ -54,7 +55,8 @@ def score_training_pairs(
     ``test_function`` is any differentiable ``θ → scalar``; the default is the trusted split's
     contrastive loss.  Columns: ``row`` (manifest row), carried manifest columns and extras,
     ``influence`` (+ ``_pos``/``_neg`` parts, ``_first_order``, ``_pos_only``), ``self_influence``
-    (and ``self_influence_first_order``, the better mislabel detector), ``clip_score``, ``loss``, ``rank`` (1 = most harmful) and ``suggested_action``.
+    (and ``self_influence_first_order``), ``clip_score``, ``loss``, ``misalignment`` (the detector of wrong
+    captions), ``rank`` (1 = most harmful) and ``suggested_action``.
     """
     reporter = as_reporter(reporter)
     engine = load_engine(run)
@@ -71,6 +73,7 @@ def score_training_pairs(
     with torch.no_grad():
         table["clip_score"] = clip_scores(engine.scope, theta, problem.data.image, problem.data.text).numpy()
         table["loss"] = pair_losses(engine.scope, theta, problem.data).numpy()
+    table = with_misalignment(table)
     table["rank"] = table["influence"].rank(method="first").astype(int)
     table["suggested_action"] = suggested_actions(table)
     manifest = engine.manifest
