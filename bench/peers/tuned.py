@@ -12,13 +12,14 @@ Protocol (docs/benchmarks.md, "Peers at their tuned best"), per data set, seed a
 - every peer's settings are chosen on **other** removals: 25 further uniform single-pair removals of
   the same seed (``tune`` rows, disjoint from the reported ones), by leave-one-out Spearman there;
 - grids: TRAK (traker) over its model output (traker's stock CLIP margin, or the margin matched to
-  the objective: logit scale and the fixed reference batches as negatives), ``lambda_reg`` (0 and
-  0.1, 1, 10 × δ·N, the objective's own penalty in traker's normalisation), the projection dimension
-  (1024, or none: all P parameters), and then 1 or 5 checkpoints (fine-tunes with 5 different
-  reference batchings, warm-started from θ̂, as TRAK's paper ensembles independently trained
-  models); kronfluence EK-FAC over its damping (its own heuristic, 0.1, 1, 10 × δ); TracIn over its
-  checkpoints (θ̂ alone; 5 along the fine-tune from θ₀: after 10, 30, 100, 300 L-BFGS iterations and
-  θ̂; the last two of those);
+  the objective: logit scale and the fixed reference batches as negatives) × ``lambda_reg`` (0 and
+  0.1 … 1000 × δ·N; δ·N is the objective's own penalty in traker's normalisation) at a 1024-dim
+  projection, then the projection dimension (256, 4096, none: all P parameters) at the best of
+  those, then 1 or 5 checkpoints (fine-tunes with 5 different reference batchings, warm-started
+  from θ̂, as TRAK's paper ensembles independently trained models); kronfluence EK-FAC over its
+  damping (its own heuristic; 0.001 … 10 × δ); TracIn over its checkpoints (θ̂ alone; θ̂ and the
+  half-way point; 5 along the fine-tune from θ₀: after 1/16, 1/8, 1/4, 1/2 of its L-BFGS iterations
+  and θ̂, uniform weights since L-BFGS has no learning rate);
 - the untuned defaults (traker's, and kronfluence with damping δ) are rows too.
 
 Reported: Pearson and Spearman over the 50 reported removals (mean over seeds, 95% interval from
@@ -41,11 +42,12 @@ from bench import common, fidelity
 
 TUNE_REMOVALS = 25
 TRAK_OUTPUTS = ("traker-clip", "objective")
-TRAK_LAMBDA_FACTORS = (0.0, 0.1, 1.0, 10.0)
-TRAK_DIMENSIONS = (1024, None)
+TRAK_LAMBDA_FACTORS = (0.0, 0.1, 1.0, 10.0, 100.0, 1000.0)
+TRAK_DIMENSION = 1024
+TRAK_OTHER_DIMENSIONS = (256, 4096, None)
 ENSEMBLE_SIZE = 5
-KRON_DAMPING_FACTORS = (None, 0.1, 1.0, 10.0)
-TRACIN_ITERATIONS = (10, 30, 100, 300)
+KRON_DAMPING_FACTORS = (None, 0.001, 0.01, 0.1, 1.0, 10.0)
+TRACIN_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 PEER_SCORES = "peer-scores.npz"
 #: the rows of the report: ECIF's own predictors, then each peer family at its tuned best and as shipped.
 FAMILIES = (
@@ -110,20 +112,32 @@ def fidelity_config(current):
 
 
 def trajectory_checkpoints(current, cache: common.RetrainCache, key: str):
-    """Points along a fine-tune from θ₀: after each of :data:`TRACIN_ITERATIONS` L-BFGS iterations, then θ̂."""
+    """Points along a fine-tune from θ₀ (L-BFGS one iteration at a time, as the library's fine-tune but
+    recorded): after 1/16, 1/8, 1/4 and 1/2 of the iterations it takes to converge, then θ̂."""
     import torch
 
-    from ecif.finetune import finetune_heads
-
-    path = cache.directory / f"{key}-trajectory.pt"
+    path = cache.directory / f"{key}-trajectory-v2.pt"
     if not path.exists():
-        theta, done, points = current.problem.theta0, 0, []
-        for iterations in TRACIN_ITERATIONS:
-            config = dataclasses.replace(fidelity_config(current), max_lbfgs_iterations=iterations - done, gradient_tolerance=0.0)
-            theta, _ = finetune_heads(current.problem, theta, config)
-            done = iterations
-            points.append(theta.clone())
-        torch.save(torch.stack(points), path)
+        theta = current.problem.theta0.detach().clone().requires_grad_(True)
+        optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, history_size=50, tolerance_grad=1e-9,
+                                      tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            value = current.problem.objective(theta)
+            value.backward()
+            return value
+
+        path_points = []
+        for _ in range(3000):
+            optimiser.step(closure)
+            path_points.append(theta.detach().clone())
+            if float(theta.grad.norm()) < 1e-7:
+                break
+        total = len(path_points)
+        picks = sorted({max(0, int(total * fraction) - 1) for fraction in TRACIN_FRACTIONS})
+        torch.save(torch.stack([path_points[i] for i in picks]), path)
+        common.log(f"{key}: fine-tune path of {total} L-BFGS iterations, checkpoints after {[i + 1 for i in picks]}")
     return [*torch.load(path, weights_only=True), current.theta]
 
 
@@ -140,8 +154,20 @@ def tracin_scores(current, phi, checkpoints) -> np.ndarray:
     return total / len(checkpoints)
 
 
-def candidates(current, phi, validation, cache, key: str, quick: bool, log) -> dict[str, dict[str, np.ndarray]]:
-    """Every peer family's candidate settings → per-pair predicted Δφ ``[N]`` (harmful < 0)."""
+def trak_name(output: str, factor: float, dimension: int | None, checkpoints: int = 1) -> str:
+    ensemble = "1 checkpoint" if checkpoints == 1 else f"{checkpoints} checkpoints (batchings)"
+    return f"{output}, λ = {factor:g}·δN, dim {dimension or 'all P'}, {ensemble}"
+
+
+def parse_trak_name(name: str) -> tuple[str, float, int | None]:
+    output, ridge, dimension = name.split(", ")[:3]
+    dimension = dimension.removeprefix("dim ")
+    return output, float(ridge.removeprefix("λ = ").split("·")[0]), None if dimension == "all P" else int(dimension)
+
+
+def candidates(current, phi, validation, cache, key: str, quick: bool, log, tune_rows, tune_actual) -> dict[str, dict[str, np.ndarray]]:
+    """Every peer family's candidate settings → per-pair predicted Δφ ``[N]`` (harmful < 0).  TRAK's grid
+    is searched in two stages (output × ridge, then the projection), ranked on the tuning removals."""
     from bench.peers.kronfluence_adapter import kronfluence_matrix
     from bench.peers.trak_adapter import trak_matrix
 
@@ -149,12 +175,19 @@ def candidates(current, phi, validation, cache, key: str, quick: bool, log) -> d
     out: dict[str, dict[str, np.ndarray]] = {"trak": {}, "kronfluence": {}, "tracin": {}}
     started = time.perf_counter()
     lambda_factors = (0.0, 1.0) if quick else TRAK_LAMBDA_FACTORS
+
+    def trak_scores(output: str, factor: float, dimension: int | None) -> np.ndarray:
+        return trak_matrix(problem, theta, validation, output=output, lambda_reg=factor * current.delta * n,
+                           proj_dim=dimension or 10**9).mean(axis=0)
+
+    # Stage 1: output function × ridge at one projection; stage 2: the projection at the best of those.
     for output in TRAK_OUTPUTS:
         for factor in lambda_factors:
-            for dimension in TRAK_DIMENSIONS:
-                name = f"{output}, λ = {factor:g}·δN, dim {dimension or 'all P'}, 1 checkpoint"
-                out["trak"][name] = trak_matrix(problem, theta, validation, output=output, lambda_reg=factor * current.delta * n,
-                                                proj_dim=dimension or 10**9).mean(axis=0)
+            out["trak"][trak_name(output, factor, TRAK_DIMENSION)] = trak_scores(output, factor, TRAK_DIMENSION)
+    best = max(out["trak"], key=lambda name: np.nan_to_num(spearman(out["trak"][name][tune_rows], tune_actual), nan=-2.0))
+    output, factor, _ = parse_trak_name(best)
+    for dimension in () if quick else TRAK_OTHER_DIMENSIONS:
+        out["trak"][trak_name(output, factor, dimension)] = trak_scores(output, factor, dimension)
     out["trak_default"] = {"traker defaults (stock margin, λ = 0, dim min(2048, N/2))": trak_matrix(problem, theta, validation).mean(axis=0)}
     log(f"{key}: TRAK grid in {time.perf_counter() - started:.0f}s")
     for factor in (None, 1.0) if quick else KRON_DAMPING_FACTORS:
@@ -165,7 +198,7 @@ def candidates(current, phi, validation, cache, key: str, quick: bool, log) -> d
     log(f"{key}: kronfluence grid done ({time.perf_counter() - started:.0f}s)")
     path = trajectory_checkpoints(current, cache, key)
     out["tracin"]["θ̂ only"] = tracin_scores(current, phi, path[-1:])
-    out["tracin"]["last 2 along the fine-tune"] = tracin_scores(current, phi, path[-2:])
+    out["tracin"]["θ̂ and the half-way point"] = tracin_scores(current, phi, path[-2:])
     out["tracin"][f"{len(path)} along the fine-tune"] = tracin_scores(current, phi, path)
     out["tracin_one"] = {"θ̂ only": out["tracin"]["θ̂ only"]}
     log(f"{key}: TracIn done ({time.perf_counter() - started:.0f}s)")
@@ -176,13 +209,11 @@ def ensemble_trak(current, validation, best: str, cache, key: str, count: int) -
     """The tuned TRAK setting again, ensembled over ``count`` fine-tunes with different batchings."""
     from bench.peers.trak_adapter import trak_matrix
 
-    output = best.split(",")[0]
-    factor = float(best.split("λ = ")[1].split("·")[0])
-    dimension = best.split("dim ")[1].split(",")[0]
+    output, factor, dimension = parse_trak_name(best)
     checkpoints = batching_checkpoints(current, count, cache, key)
-    scores = trak_matrix(current.problem, current.theta, validation, output=output, lambda_reg=factor * current.delta * current.problem.data.n_pairs,
-                         proj_dim=10**9 if dimension == "all P" else int(dimension), checkpoints=checkpoints).mean(axis=0)
-    return best.replace("1 checkpoint", f"{count} checkpoints (batchings)"), scores
+    scores = trak_matrix(current.problem, current.theta, validation, output=output, proj_dim=dimension or 10**9,
+                         lambda_reg=factor * current.delta * current.problem.data.n_pairs, checkpoints=checkpoints).mean(axis=0)
+    return trak_name(output, factor, dimension, count), scores
 
 
 # --- one seed at one δ --------------------------------------------------------------------------------
@@ -221,7 +252,7 @@ def measure(args, dataset: str, seed: int, delta_text: str) -> dict:
     common.log(f"{key}: {len(tune_rows)} tuning removals ready")
 
     scores_path = cache.directory / f"{key}-{PEER_SCORES}"
-    grid = candidates(current, phi, engine.trusted_data, cache, key, args.quick, common.log)
+    grid = candidates(current, phi, engine.trusted_data, cache, key, args.quick, common.log, tune_rows, tune_actual)
     tuning = {family: {name: spearman(values[tune_rows], tune_actual) for name, values in settings.items()} for family, settings in grid.items()}
     chosen = {family: max(scores, key=lambda name: (np.nan_to_num(scores[name], nan=-2.0))) for family, scores in tuning.items()}
     best_trak = chosen["trak"]
