@@ -46,6 +46,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.fidelity_selected
 	$(BIN)/python -m bench.detect --digits
 	$(BIN)/python -m bench.detect --pretrained-pool
+	$(BIN)/python -m bench.detect_sweep
 	$(BIN)/python -m bench.detect_disagreements
 	$(BIN)/python -m bench.edit
 	$(BIN)/python -m bench.trace
@@ -58,5 +59,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.blocks
 	$(BIN)/python -m bench.blocks_vit
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.peers.tuned --datasets shapes
+	$(BIN)/python -m bench.cleaning
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.scale.extraction

@@ -110,8 +110,8 @@ def test_choices_written_out_in_the_parser_match_the_library():
 
     from ecif.cli import build_parser
     from ecif.curvature.solvers import SolverName
-    from ecif.tasks.detect import SUSPICION, flag
-    from ecif.influence.columns import INFLUENCE_COLUMNS
+    from ecif.influence.columns import DETECTION_COLUMNS, INFLUENCE_COLUMNS
+    from ecif.tasks.detect import SUSPICION
     from ecif.tasks.trace import trace
 
     def choices(command: str, option: str) -> list[str]:
@@ -120,7 +120,7 @@ def test_choices_written_out_in_the_parser_match_the_library():
         return list(action.choices)
 
     assert choices("score", "--solver") == list(typing.get_args(SolverName))
-    assert choices("detect", "--method") == list(typing.get_args(typing.get_type_hints(flag)["method"]))
+    assert choices("detect", "--method") == list(DETECTION_COLUMNS)
     assert choices("trace", "--rank-by") == list(typing.get_args(typing.get_type_hints(trace)["rank_by"]))
     assert set(INFLUENCE_COLUMNS) <= set(SUSPICION)
 

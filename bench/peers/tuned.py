@@ -13,12 +13,12 @@ Protocol (docs/benchmarks.md, "Peers at their tuned best"), per data set, seed a
   the same seed (``tune`` rows, disjoint from the reported ones), by leave-one-out Spearman there;
 - grids: TRAK (traker) over its model output (traker's stock CLIP margin, or the margin matched to
   the objective: logit scale and the fixed reference batches as negatives) × ``lambda_reg`` (0 and
-  0.1 … 1000 × δ·N; δ·N is the objective's own penalty in traker's normalisation) at a 1024-dim
-  projection, then the projection dimension (256, 4096, none: all P parameters) at the best of
+  0.1 … 10⁴ × δ·N; δ·N is the objective's own penalty in traker's normalisation) at a 1024-dim
+  projection, then the projection dimension (64, 256, 4096, none: all P parameters) at the best of
   those, then 1 or 5 checkpoints (fine-tunes with 5 different reference batchings, warm-started
   from θ̂, as TRAK's paper ensembles independently trained models); kronfluence EK-FAC over its
   damping (its own heuristic; 0.001 … 10 × δ); TracIn over its checkpoints (θ̂ alone; θ̂ and the
-  half-way point; 5 along the fine-tune from θ₀: after 1/16, 1/8, 1/4, 1/2 of its L-BFGS iterations
+  half-way point; 5 along the fine-tune from θ₀: after 1/16, 1/8, 1/4, 1/2 of the L-BFGS iterations it takes to come within 1% of its end
   and θ̂, uniform weights since L-BFGS has no learning rate);
 - the untuned defaults (traker's, and kronfluence with damping δ) are rows too.
 
@@ -42,9 +42,9 @@ from bench import common, fidelity
 
 TUNE_REMOVALS = 25
 TRAK_OUTPUTS = ("traker-clip", "objective")
-TRAK_LAMBDA_FACTORS = (0.0, 0.1, 1.0, 10.0, 100.0, 1000.0)
+TRAK_LAMBDA_FACTORS = (0.0, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 TRAK_DIMENSION = 1024
-TRAK_OTHER_DIMENSIONS = (256, 4096, None)
+TRAK_OTHER_DIMENSIONS = (64, 256, 4096, None)
 ENSEMBLE_SIZE = 5
 KRON_DAMPING_FACTORS = (None, 0.001, 0.01, 0.1, 1.0, 10.0)
 TRACIN_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
@@ -113,10 +113,10 @@ def fidelity_config(current):
 
 def trajectory_checkpoints(current, cache: common.RetrainCache, key: str):
     """Points along a fine-tune from θ₀ (L-BFGS one iteration at a time, as the library's fine-tune but
-    recorded): after 1/16, 1/8, 1/4 and 1/2 of the iterations it takes to converge, then θ̂."""
+    recorded): after 1/16, 1/8, 1/4 and 1/2 of the iterations it takes to come within 1% of its end, then θ̂."""
     import torch
 
-    path = cache.directory / f"{key}-trajectory-v2.pt"
+    path = cache.directory / f"{key}-trajectory-v3.pt"
     if not path.exists():
         theta = current.problem.theta0.detach().clone().requires_grad_(True)
         optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=1, history_size=50, tolerance_grad=1e-9,
@@ -128,16 +128,19 @@ def trajectory_checkpoints(current, cache: common.RetrainCache, key: str):
             value.backward()
             return value
 
-        path_points = []
+        path_points = [theta.detach().clone()]
         for _ in range(3000):
             optimiser.step(closure)
             path_points.append(theta.detach().clone())
-            if float(theta.grad.norm()) < 1e-7:
+            if float(theta.grad.norm()) < 1e-7 or float((path_points[-1] - path_points[-2]).norm()) < 1e-12:
                 break
-        total = len(path_points)
-        picks = sorted({max(0, int(total * fraction) - 1) for fraction in TRACIN_FRACTIONS})
+        # The path's length in iterations: until it is within 1% of the way from θ₀ to where it ends
+        # (L-BFGS creeps for a long time near the minimum; the checkpoints should span the descent).
+        end, length = path_points[-1], float((path_points[-1] - path_points[0]).norm())
+        total = next(t for t, point in enumerate(path_points) if float((point - end).norm()) <= 0.01 * length) or 1
+        picks = sorted({max(1, int(round(total * fraction))) for fraction in TRACIN_FRACTIONS})
         torch.save(torch.stack([path_points[i] for i in picks]), path)
-        common.log(f"{key}: fine-tune path of {total} L-BFGS iterations, checkpoints after {[i + 1 for i in picks]}")
+        common.log(f"{key}: fine-tune path within 1% of its end after {total} L-BFGS iterations; checkpoints after {picks}")
     return [*torch.load(path, weights_only=True), current.theta]
 
 
