@@ -5,9 +5,9 @@
 
 Per data set and seed, at the run's auto δ, on the same polished θ̂ and dense reference as
 ``bench.fidelity``: the pairs each method ranks most suspicious are removed and the heads actually
-re-fine-tuned (warm start, gradient norm ≤ 1e-10).  Methods: exact and first-order ECIF (most
-harmful first), ECIF first-order self-influence (highest first), CLIP-score (lowest first), each
-peer at the setting ``bench.peers.tuned`` chose for that seed (most harmful first; that script must
+re-fine-tuned (warm start, gradient norm ≤ 1e-7, the library's own tolerance).  Methods: exact
+and first-order ECIF (most harmful first), ECIF first-order self-influence (highest first),
+CLIP-score (lowest first), each peer at the setting ``bench.peers.tuned`` chose for that seed (most harmful first; that script must
 have run first), and a uniform random draw.  Brittleness (Koh & Liang's check, as in the ECIF paper):
 the most *valuable* pairs by exact ECIF (most positive Δφ) removed instead.
 
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS))
     parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--tolerance", type=float, default=1e-10)
+    parser.add_argument("--tolerance", type=float, default=1e-7,
+                        help="gradient norm of every re-fine-tune (default 1e-7, the library's fine-tuning tolerance)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--from-json", default=None, metavar="FILE[,FILE...]", help="measure nothing: one report from earlier outputs")
     common.add_common_arguments(parser, seed=False, threads=1, name="cleaning")
