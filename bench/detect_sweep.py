@@ -48,7 +48,7 @@ ABSORBED = {
 }
 TOLERANCE = 0.01
 LABELS = {
-    "misalignment": "default: z(−CLIP-score) + z(self-influence, first order)",
+    "misalignment": "default: z(−CLIP-score) + z(log self-influence, first order)",
     "influence": "ECIF influence (exact)",
     "influence_pos": "positive-only influence",
     "influence_first_order": "ECIF influence (first order)",

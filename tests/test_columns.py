@@ -36,7 +36,7 @@ def test_streamed_scoring_names_what_it_leaves_out():
 
 
 def test_default_detector_is_the_standardised_sum_and_falls_back_without_clip_score():
-    """``misalignment`` = z(−CLIP-score) + z(first-order self-influence) over the run's pairs; `ecif detect`
+    """``misalignment`` = z(−CLIP-score) + z(log first-order self-influence) over the run's pairs; `ecif detect`
     and the Review page use it, and streamed scores (no CLIP-score) fall back to the self-influence."""
     import numpy as np
     import pandas as pd
@@ -45,7 +45,8 @@ def test_default_detector_is_the_standardised_sum_and_falls_back_without_clip_sc
 
     rng = np.random.default_rng(0)
     clip, self_influence = rng.normal(0.3, 0.1, 50), rng.gamma(2.0, 1e-4, 50)
-    expected = (clip.mean() - clip) / clip.std() + (self_influence - self_influence.mean()) / self_influence.std()
+    logged = np.log(self_influence)
+    expected = (clip.mean() - clip) / clip.std() + (logged - logged.mean()) / logged.std()
     np.testing.assert_allclose(misalignment(clip, self_influence), expected, rtol=1e-12)
     scores = pd.DataFrame({"uid": [f"u{i}" for i in range(50)], "influence": rng.normal(0, 1e-4, 50),
                            "clip_score": clip, "self_influence_first_order": self_influence})
@@ -56,5 +57,7 @@ def test_default_detector_is_the_standardised_sum_and_falls_back_without_clip_sc
     assert default_detector(streamed) == "self_influence_first_order"
     assert "misalignment" not in with_misalignment(streamed).columns
     assert flag(streamed, top_k=3)["uid"].tolist() == [f"u{i}" for i in np.argsort(-self_influence, kind="stable")[:3]]
-    # a column that is all the same contributes nothing instead of dividing by zero
-    np.testing.assert_allclose(misalignment(np.full(4, 0.5), np.arange(4.0)), (np.arange(4.0) - 1.5) / np.arange(4.0).std())
+    # a column that is all the same contributes nothing instead of dividing by zero; a zero
+    # self-influence ranks with the smallest positive one instead of going to log(0)
+    logged = np.log([1.0, 1.0, 2.0, 3.0])
+    np.testing.assert_allclose(misalignment(np.full(4, 0.5), np.arange(4.0)), (logged - logged.mean()) / logged.std())

@@ -26,15 +26,20 @@ def standardised(values: np.ndarray) -> np.ndarray:
 
 
 def misalignment(clip_score: np.ndarray, self_influence_first_order: np.ndarray) -> np.ndarray:
-    """The default detector ``[N]``: ``z(−clip_score) + z(self_influence_first_order)``, in standard deviations.
+    """The default detector ``[N]``: ``z(−clip_score) + z(log self_influence_first_order)``, in standard deviations.
 
     Higher = more likely a wrong caption.  A poor image–caption match (low CLIP-score) and a pair the
     fine-tune cannot fit without bending the heads (high self-influence) are two views of the same
     fault; which view is sharper depends on the backbone and the kind of corruption, and their
     standardised sum was never more than 0.01 AP below the sharper one (bench/detect_sweep.py).
-    Nothing is fitted to labels: the z-scores use the run's own means and spreads.
+    Self-influence spans orders of magnitude, so it enters by its logarithm: standardised raw, its
+    few largest values outweigh the CLIP-score where that is the sharper view.  Nothing is fitted to
+    labels: the z-scores use the run's own means and spreads.
     """
-    return standardised(-np.asarray(clip_score, float)) + standardised(self_influence_first_order)
+    self_influence = np.asarray(self_influence_first_order, dtype=float)
+    positive = self_influence[self_influence > 0]
+    floor = positive.min() if positive.size else 1.0  # a self-influence is ≥ 0; a zero ranks with the smallest
+    return standardised(-np.asarray(clip_score, float)) + standardised(np.log(np.maximum(self_influence, floor)))
 
 
 def with_misalignment(scores: pd.DataFrame) -> pd.DataFrame:
