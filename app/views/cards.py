@@ -13,6 +13,7 @@ from views.context import Context
 from views.data import thumbnail_b64
 
 from ecif.curation.units import si_format
+from ecif.influence.columns import MISALIGNMENT
 
 STATUS_ICONS = {"pending": "⏳", "accepted": "✅", "relabelled": "✏️", "dropped": "🗑️"}
 #: Cards per row above which a card's buttons take two lines ("Open" no longer fits beside ✓ and ✗
@@ -59,7 +60,9 @@ def pair_card(ctx: Context, pair: pd.Series, key: str, scale: float,
     (in one row, or ``stacked`` in two for narrow cards)."""
     row = int(pair["row"])
     status = pair.get("status", "pending")
-    rank = f"#{int(pair['rank'])}" if "rank" in pair and pair["rank"] == pair["rank"] else ""
+    rank = f"harm #{int(pair['rank'])}" if "rank" in pair and pair["rank"] == pair["rank"] else ""
+    if MISALIGNMENT in pair and pair[MISALIGNMENT] == pair[MISALIGNMENT]:
+        rank += f" · misaligned {float(pair[MISALIGNMENT]):+.1f}σ"
     caption = html.escape(str(pair["caption"]))
     if "scored_caption" in pair and pair["scored_caption"] != pair["caption"]:
         caption = f"<s>{html.escape(str(pair['scored_caption']))}</s> → {caption}"
