@@ -195,7 +195,7 @@ def report(results: list[dict], draws: int, machine: dict) -> tuple[str, list[di
             corrupted = np.mean([e["corrupted_removed"] / e["removed"] for e in entries])
             phi = np.mean([e["phi"] for e in entries])
             row = {"fraction": fraction, "method": name, "accuracy": acc, "accuracy_gain": gain, "cross_entropy": ce,
-                   "cross_entropy_gain": tuple(-v for v in ce_gain[::-1]), "corrupted_fraction": float(corrupted), "phi": float(phi)}
+                   "cross_entropy_gain": (-ce_gain[0], -ce_gain[2], -ce_gain[1]), "corrupted_fraction": float(corrupted), "phi": float(phi)}
             rows.append(row)
             gain_text = "–" if name == "random" else f"{100 * gain[0]:+.2f} [{100 * gain[1]:+.2f}, {100 * gain[2]:+.2f}]"
             ce_text = "–" if name == "random" else f"{-ce_gain[0]:+.4f} [{-ce_gain[2]:+.4f}, {-ce_gain[1]:+.4f}]"
