@@ -20,7 +20,6 @@ resample for the method and for random) within each seed.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -208,11 +207,7 @@ def report(results: list[dict], draws: int, machine: dict) -> tuple[str, list[di
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.from_json:
-        results, machine = [], None
-        for path in args.from_json.split(","):
-            payload = json.loads(Path(path).read_text())
-            results += payload["results"]
-            machine = machine or payload["machine"]
+        results, machine = common.load_result_files(args.from_json)
     else:
         machine = common.start(args)
         started = time.perf_counter()

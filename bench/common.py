@@ -208,8 +208,8 @@ def scored_demo_run(
     even if the library's defaults changed since; the scripts print and record those settings.
     """
     import ecif
-    from ecif.run import Run
     from ecif.config import RunConfig
+    from ecif.run import Run
     from ecif.tasks.pipeline import run_pipeline
 
     run_dir = demo_run_dir(work, name, n, noise, corruption, seed, batch_size)
@@ -341,6 +341,17 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     return value
+
+
+def load_result_files(paths: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """``(results, machine)`` of earlier JSON outputs (comma-separated ``paths``): their ``results``
+    lists concatenated, the first file's machine (for the scripts' ``--from-json``)."""
+    results, machine = [], None
+    for path in paths.split(","):
+        payload = json.loads(Path(path).read_text())
+        results += payload["results"]
+        machine = machine or payload["machine"]
+    return results, machine
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, results_dir: Path | None = None) -> tuple[Path, Path]:

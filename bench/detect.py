@@ -40,9 +40,10 @@ from bench.common import (
 CORRUPTIONS = ("random-caption", "attribute-swap", "class-flip")
 NOISES = (0.1, 0.3)
 TARGET_AUROC = 0.97
-#: the columns of the summary table: ECIF's two detectors (with and without a trusted set) and the baseline.
-SUMMARY_COLUMNS = ("influence", "self_influence_first_order", "clip_score")
+#: the columns of the summary table: the default detector, ECIF's two (with and without a trusted set), the baseline.
+SUMMARY_COLUMNS = ("misalignment", "influence", "self_influence_first_order", "clip_score")
 LABELS = {
+    "misalignment": "default detector (misalignment)",
     "influence": "ECIF (exact)",
     "influence_first_order": "ECIF (first order)",
     "influence_pos": "positive-only IF",

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from app_fixtures import build_synthetic_run
 from streamlit.testing.v1 import AppTest
 from streamlit.util import calc_hash
 
 from ecif.curation.review import open_store
 from ecif.tasks.detect import with_misalignment
-from app_fixtures import build_synthetic_run
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 PAGES = ("load", "review", "mispredictions", "whatif", "plots", "export")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -333,11 +332,7 @@ def report(results: list[dict], rows: list[dict], machine: dict, seconds: float 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.from_json:
-        results, machine = [], None
-        for path in args.from_json.split(","):
-            payload = json.loads(Path(path).read_text())
-            results += payload["results"]
-            machine = machine or payload["machine"]
+        results, machine = common.load_result_files(args.from_json)
         rows = summarise(results, args.bootstrap)
         markdown = report(results, rows, machine, None)
         common.publish(args.name, {"machine": machine, "results": results, "summary": rows, "markdown": markdown}, markdown, args.results)
