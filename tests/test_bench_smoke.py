@@ -340,3 +340,42 @@ def test_detect_disagreements_retrains_where_ecif_and_the_planted_labels_disagre
     # The planted pairs ECIF calls valuable really are, and the genuine ones it calls harmful really are.
     assert planted[4] == genuine[4] == "2 of 2", result["records"]
     assert planted[3] > 0 > genuine[3]
+
+
+def test_cleaning_and_tuned_peer_reports_from_synthetic_results():
+    """bench.cleaning's paired intervals and bench.peers.tuned's summary, on made-up results: a method
+    that gets every test item right beats random by exactly its accuracy gap, with an interval around it."""
+    import numpy as np
+
+    from bench import cleaning
+    from bench.peers import tuned
+
+    rng = np.random.default_rng(0)
+    machine = {"cpu": "x", "cores": 2, "ram_gib": 1, "python": "3", "torch": "2", "torch_threads": 1,
+               "load_average_at_start": [0, 0, 0], "date_utc": "now"}
+    results = []
+    for seed in range(3):
+        random_correct = rng.random(200) < 0.8
+        removals = [{"method": name, "fraction": 0.1, "removed": 10, "corrupted_removed": 5, "phi": 0.5,
+                     "correct": (np.ones(200, bool) if name == "influence" else random_correct).tolist(),
+                     "loss": rng.random(200).tolist()} for name, _, _ in cleaning.METHODS]
+        results.append({"dataset": "shapes", "seed": seed, "delta": 0.03, "training_pairs": 100, "test_items": 200,
+                        "before": {"phi": 0.6, "correct": random_correct.tolist(), "loss": rng.random(200).tolist()},
+                        "removals": removals})
+    point, low, high = cleaning.paired_interval(results, "influence", 0.1, "correct", 200, "random")
+    expected = np.mean([1 - np.mean(r["before"]["correct"]) for r in results])
+    assert point == pytest.approx(expected) and low < point < high
+    markdown, rows = cleaning.report(results, 50, machine)
+    assert "## 10% removed" in markdown and len(rows) == len(cleaning.METHODS)
+
+    actual = rng.normal(size=30)
+    peer_results = [{"dataset": "shapes", "seed": seed, "delta": 0.03, "delta_label": "auto", "loo_actual": actual.tolist(),
+                     "lds_actual": actual[:20].tolist(), "chosen": {f: "x" for f in ("trak", "kronfluence", "tracin")},
+                     "tuning_spearman": {f: {"x": 0.5} for f in ("trak", "kronfluence", "tracin")},
+                     "loo_predicted": {family: (actual + rng.normal(scale=0.1 if family == "influence" else 3.0, size=30)).tolist()
+                                       for family, _ in tuned.FAMILIES},
+                     "lds_predicted": {family: actual[:20].tolist() for family, _ in tuned.FAMILIES}} for seed in range(3)]
+    summary = tuned.summarise(peer_results, 100)
+    by_family = {row["family"]: row for row in summary}
+    assert by_family["influence"]["loo"]["spearman"] > 0.9 > by_family["trak"]["loo"]["spearman"]
+    assert "TRAK, tuned" in tuned.report(peer_results, summary, machine, None)
