@@ -22,7 +22,7 @@ Every run is an ordinary ``bench.detect`` run (its JSON lists each run folder); 
 scores back, computes each column's average precision against the planted flags and the default
 detector's (:func:`ecif.tasks.detect.misalignment`, the same code the product runs), and reports
 means over seeds with 95% intervals (resampling the training pairs within each seed), plus whether
-the default is within 0.01 AP of the best single column in every setting and every run.
+the default is within 0.01 AP of the best single column in each setting and each run.
 """
 
 from __future__ import annotations
