@@ -38,11 +38,18 @@ def _read_frame(run: Run, name: str) -> pd.DataFrame | None:
     return _read_parquet(str(run.path(name)), run.mtime(name))
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def _read_scores(path: str, mtime: float) -> pd.DataFrame:
+    # Runs scored before the default detector existed get its column once per file version, not on every rerun.
+    return with_misalignment(pd.read_parquet(path))
+
+
 def scores(run: Run) -> pd.DataFrame | None:
     """The run's scores table (None until the run is scored), with the default detector's column
     (computed from the stored columns for runs scored before it existed)."""
-    table = _read_frame(run, SCORES_FILE)
-    return None if table is None else with_misalignment(table)
+    if not run.has(SCORES_FILE):
+        return None
+    return _read_scores(str(run.path(SCORES_FILE)), run.mtime(SCORES_FILE))
 
 
 def mispredictions(run: Run) -> pd.DataFrame | None:

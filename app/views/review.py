@@ -13,6 +13,7 @@ from views.finetune import not_converged_notice
 
 from ecif.curation.review import actionable_rows, adjacent_row, score_summary
 from ecif.index.neighbours import NeighbourIndex, suggest_caption
+from ecif.influence.columns import MISALIGNMENT
 
 KEYS = {
     "a": "accept", "d": "drop", "e": "relabel with the text in the box",
@@ -83,7 +84,7 @@ def _bulk(ctx: Context) -> None:
             st.rerun()
 
 
-ORDER_TITLES = {"misalignment": "most likely misaligned first", "influence": "most harmful first"}
+ORDER_TITLES = {MISALIGNMENT: "most likely misaligned first", "influence": "most harmful first"}
 
 
 def grid(ctx: Context) -> None:

@@ -55,7 +55,8 @@ def with_misalignment(scores: pd.DataFrame) -> pd.DataFrame:
 
 def default_detector(scores: pd.DataFrame) -> str:
     """:data:`MISALIGNMENT` where it can be computed, else ``self_influence_first_order`` (streamed scores)."""
-    return MISALIGNMENT if MISALIGNMENT in with_misalignment(scores).columns else "self_influence_first_order"
+    computable = MISALIGNMENT in scores.columns or all(column in scores.columns for column in MISALIGNMENT_INPUTS)
+    return MISALIGNMENT if computable else "self_influence_first_order"
 
 
 def suspicion(scores: pd.DataFrame, column: str) -> np.ndarray:
