@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rankings(engine, current, key: str, cache_dir: Path, seed: int) -> dict[str, np.ndarray]:
+def rankings(current, key: str, cache_dir: Path, seed: int) -> dict[str, np.ndarray]:
     """Each method's removal order (most suspicious first) over the training pairs."""
     import torch
 
@@ -84,15 +84,10 @@ def rankings(engine, current, key: str, cache_dir: Path, seed: int) -> dict[str,
 
 def test_items(engine):
     """The test split's image features and class indices (for zero-shot accuracy and cross-entropy)."""
-    import torch
-
+    from bench.peers.setting import zero_shot_test_items
     from ecif.tasks.engine import split_rows
 
-    rows = split_rows(engine.manifest, engine.run.info.get("settings", {}).get("test_split", "test"))
-    lookup = {name: position for position, name in enumerate(engine.prompts.names)}
-    labels = np.asarray([lookup.get(str(v), -1) for v in engine.manifest.iloc[rows]["label"]])
-    keep = labels >= 0
-    return engine.image_tensor(rows[keep]), torch.as_tensor(labels[keep])
+    return zero_shot_test_items(engine, split_rows(engine.manifest, engine.run.info.get("settings", {}).get("test_split", "test")))
 
 
 def per_item(engine, theta, image, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +114,7 @@ def measure(args, dataset: str, seed: int) -> dict:
     phi = engine.trusted_loss()
     current = fidelity.regime(engine, "auto", delta, engine.theta, args.tolerance, cache, key)
     corrupted = engine.manifest.iloc[engine.train_rows]["corrupted"].astype(bool).to_numpy()
-    order = rankings(engine, current, key, cache.directory, seed)
+    order = rankings(current, key, cache.directory, seed)
     image, labels = test_items(engine)
     correct, loss = per_item(engine, current.theta, image, labels)
     out = {"dataset": dataset, "seed": seed, "delta": delta, "training_pairs": int(len(corrupted)), "test_items": int(len(labels)),

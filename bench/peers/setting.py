@@ -49,6 +49,15 @@ class PeerSetting:
             return float(contrastive_loss(self.problem.scope, theta, self.validation))
 
 
+def zero_shot_test_items(engine, test_rows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """``(image features [k, d], class index [k])`` of the test rows whose label is one of the run's
+    zero-shot classes (the others are left out)."""
+    lookup = {name: position for position, name in enumerate(engine.prompts.names)}
+    labels = np.asarray([lookup.get(str(v), -1) for v in engine.manifest.iloc[test_rows]["label"]])
+    keep = labels >= 0
+    return engine.image_tensor(test_rows[keep]), torch.as_tensor(labels[keep])
+
+
 def from_run(run_dir: str | Path) -> PeerSetting:
     """A scored (or at least fine-tuned) ecif run: its problem, ``θ̂``, trusted split and stored solver."""
     from ecif.objective.measurements import retrieval_accuracy, zero_shot_accuracy
@@ -60,15 +69,12 @@ def from_run(run_dir: str | Path) -> PeerSetting:
     settings = engine.run.info.get("settings", {})
     test_rows = split_rows(engine.manifest, settings.get("test_split", "test"))
     if engine.prompts is not None and len(test_rows) and "label" in engine.manifest.columns:
-        lookup = {name: position for position, name in enumerate(engine.prompts.names)}
-        labels = np.asarray([lookup.get(str(v), -1) for v in engine.manifest.iloc[test_rows]["label"]])
-        keep = labels >= 0
-        image, target = engine.image_tensor(test_rows[keep]), torch.as_tensor(labels[keep])
+        image, target = zero_shot_test_items(engine, test_rows)
 
         def metric(theta: Tensor) -> float:
             return zero_shot_accuracy(engine.scope, theta, image, target, engine.prompts)
 
-        metric_name = f"zero-shot test accuracy ({int(keep.sum())} test images)"
+        metric_name = f"zero-shot test accuracy ({len(target)} test images)"
     else:
         test = ContrastiveData.from_arrays(engine.image[test_rows], engine.text[test_rows], engine.finetune.batch_size)
 

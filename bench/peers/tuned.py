@@ -156,40 +156,57 @@ def tracin_scores(current, phi, checkpoints) -> np.ndarray:
     return total / len(checkpoints)
 
 
-def trak_name(output: str, factor: float, dimension: int | None, checkpoints: int = 1) -> str:
-    ensemble = "1 checkpoint" if checkpoints == 1 else f"{checkpoints} checkpoints (batchings)"
-    return f"{output}, λ = {factor:g}·δN, dim {dimension or 'all P'}, {ensemble}"
+@dataclasses.dataclass(frozen=True)
+class TrakSetting:
+    """One TRAK candidate: output function, ridge as a multiple of δ·N, projection (None: all P), checkpoints."""
+
+    output: str
+    ridge_factor: float
+    dimension: int | None
+    checkpoints: int = 1
+
+    @property
+    def name(self) -> str:
+        ensemble = "1 checkpoint" if self.checkpoints == 1 else f"{self.checkpoints} checkpoints (batchings)"
+        return f"{self.output}, λ = {self.ridge_factor:g}·δN, dim {self.dimension or 'all P'}, {ensemble}"
+
+    def scores(self, current, validation, checkpoints=None) -> np.ndarray:
+        """Per-pair predicted Δφ ``[N]`` (the mean over the validation targets)."""
+        from bench.peers.trak_adapter import trak_matrix
+
+        ridge = self.ridge_factor * current.delta * current.problem.data.n_pairs
+        return trak_matrix(current.problem, current.theta, validation, output=self.output, lambda_reg=ridge,
+                           proj_dim=self.dimension or 10**9, checkpoints=checkpoints).mean(axis=0)
 
 
-def parse_trak_name(name: str) -> tuple[str, float, int | None]:
-    output, ridge, dimension = name.split(", ")[:3]
-    dimension = dimension.removeprefix("dim ")
-    return output, float(ridge.removeprefix("λ = ").split("·")[0]), None if dimension == "all P" else int(dimension)
-
-
-def candidates(current, phi, validation, cache, key: str, quick: bool, log, tune_rows, tune_actual) -> dict[str, dict[str, np.ndarray]]:
-    """Every peer family's candidate settings → per-pair predicted Δφ ``[N]`` (harmful < 0).  TRAK's grid
-    is searched in two stages (output × ridge, then the projection), ranked on the tuning removals."""
+def candidates(current, phi, validation, cache, key: str, quick: bool, log, tune_rows,
+               tune_actual) -> tuple[dict[str, dict[str, np.ndarray]], TrakSetting]:
+    """Every peer family's candidate settings → per-pair predicted Δφ ``[N]`` (harmful < 0), and the TRAK
+    setting that ranks best on the tuning removals.  TRAK's grid is searched in two stages (output ×
+    ridge, then the projection at the best of those)."""
     from bench.peers.kronfluence_adapter import kronfluence_matrix
     from bench.peers.trak_adapter import trak_matrix
 
-    problem, theta, n = current.problem, current.theta, current.problem.data.n_pairs
+    problem, theta = current.problem, current.theta
     out: dict[str, dict[str, np.ndarray]] = {"trak": {}, "kronfluence": {}, "tracin": {}}
     started = time.perf_counter()
     lambda_factors = (0.0, 1.0) if quick else TRAK_LAMBDA_FACTORS
+    tried: dict[str, TrakSetting] = {}
 
-    def trak_scores(output: str, factor: float, dimension: int | None) -> np.ndarray:
-        return trak_matrix(problem, theta, validation, output=output, lambda_reg=factor * current.delta * n,
-                           proj_dim=dimension or 10**9).mean(axis=0)
+    def add(setting: TrakSetting) -> None:
+        tried[setting.name] = setting
+        out["trak"][setting.name] = setting.scores(current, validation)
 
-    # Stage 1: output function × ridge at one projection; stage 2: the projection at the best of those.
+    def best_trak() -> TrakSetting:
+        return tried[max(out["trak"], key=lambda name: np.nan_to_num(spearman(out["trak"][name][tune_rows], tune_actual), nan=-2.0))]
+
     for output in TRAK_OUTPUTS:
         for factor in lambda_factors:
-            out["trak"][trak_name(output, factor, TRAK_DIMENSION)] = trak_scores(output, factor, TRAK_DIMENSION)
-    best = max(out["trak"], key=lambda name: np.nan_to_num(spearman(out["trak"][name][tune_rows], tune_actual), nan=-2.0))
-    output, factor, _ = parse_trak_name(best)
+            add(TrakSetting(output, factor, TRAK_DIMENSION))
+    stage_one = best_trak()
     for dimension in () if quick else TRAK_OTHER_DIMENSIONS:
-        out["trak"][trak_name(output, factor, dimension)] = trak_scores(output, factor, dimension)
+        add(dataclasses.replace(stage_one, dimension=dimension))
+    best = best_trak()
     out["trak_default"] = {"traker defaults (stock margin, λ = 0, dim min(2048, N/2))": trak_matrix(problem, theta, validation).mean(axis=0)}
     log(f"{key}: TRAK grid in {time.perf_counter() - started:.0f}s")
     for factor in (None, 1.0) if quick else KRON_DAMPING_FACTORS:
@@ -204,18 +221,7 @@ def candidates(current, phi, validation, cache, key: str, quick: bool, log, tune
     out["tracin"][f"{len(path)} along the fine-tune"] = tracin_scores(current, phi, path)
     out["tracin_one"] = {"θ̂ only": out["tracin"]["θ̂ only"]}
     log(f"{key}: TracIn done ({time.perf_counter() - started:.0f}s)")
-    return out
-
-
-def ensemble_trak(current, validation, best: str, cache, key: str, count: int) -> tuple[str, np.ndarray]:
-    """The tuned TRAK setting again, ensembled over ``count`` fine-tunes with different batchings."""
-    from bench.peers.trak_adapter import trak_matrix
-
-    output, factor, dimension = parse_trak_name(best)
-    checkpoints = batching_checkpoints(current, count, cache, key)
-    scores = trak_matrix(current.problem, current.theta, validation, output=output, proj_dim=dimension or 10**9,
-                         lambda_reg=factor * current.delta * current.problem.data.n_pairs, checkpoints=checkpoints).mean(axis=0)
-    return trak_name(output, factor, dimension, count), scores
+    return out, best
 
 
 # --- one seed at one δ --------------------------------------------------------------------------------
@@ -254,15 +260,13 @@ def measure(args, dataset: str, seed: int, delta_text: str) -> dict:
     common.log(f"{key}: {len(tune_rows)} tuning removals ready")
 
     scores_path = cache.directory / f"{key}-{PEER_SCORES}"
-    grid = candidates(current, phi, engine.trusted_data, cache, key, args.quick, common.log, tune_rows, tune_actual)
+    grid, best_trak = candidates(current, phi, engine.trusted_data, cache, key, args.quick, common.log, tune_rows, tune_actual)
+    # The tuned TRAK setting again, ensembled over fine-tunes with different reference batchings.
+    ensemble = dataclasses.replace(best_trak, checkpoints=2 if args.quick else ENSEMBLE_SIZE)
+    grid["trak"][ensemble.name] = ensemble.scores(current, engine.trusted_data,
+                                                  batching_checkpoints(current, ensemble.checkpoints, cache, key))
     tuning = {family: {name: spearman(values[tune_rows], tune_actual) for name, values in settings.items()} for family, settings in grid.items()}
     chosen = {family: max(scores, key=lambda name: (np.nan_to_num(scores[name], nan=-2.0))) for family, scores in tuning.items()}
-    best_trak = chosen["trak"]
-    ensemble_name, ensemble = ensemble_trak(current, engine.trusted_data, best_trak, cache, key, 2 if args.quick else ENSEMBLE_SIZE)
-    grid["trak"][ensemble_name] = ensemble
-    tuning["trak"][ensemble_name] = spearman(ensemble[tune_rows], tune_actual)
-    if tuning["trak"][ensemble_name] > tuning["trak"][best_trak]:
-        chosen["trak"] = ensemble_name
 
     predictions = {**{name: ecif_predictions[name] for name, _ in FAMILIES if name in ecif_predictions},
                    **{family: grid[family][chosen[family]] for family in grid}}
