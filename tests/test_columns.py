@@ -35,9 +35,10 @@ def test_streamed_scoring_names_what_it_leaves_out():
     assert set(columns_not_written(StreamingConfig())) == {"misalignment", "clip_score", "loss", *columns.SELF_INFLUENCE_COLUMNS}
 
 
-def test_default_detector_is_the_standardised_sum_and_falls_back_without_clip_score():
-    """``misalignment`` = z(−CLIP-score) + z(log first-order self-influence) over the run's pairs; `ecif detect`
-    and the Review page use it, and streamed scores (no CLIP-score) fall back to the self-influence."""
+def test_default_detector_weights_each_view_by_its_outliers_and_falls_back_without_clip_score():
+    """``misalignment`` = the mean of z(−CLIP-score) and z(log first-order self-influence), each weighted by the
+    fraction of pairs it puts beyond 2σ; `ecif detect` and the Review page use it, and streamed scores
+    (no CLIP-score) fall back to the self-influence."""
     import numpy as np
     import pandas as pd
 
@@ -45,8 +46,12 @@ def test_default_detector_is_the_standardised_sum_and_falls_back_without_clip_sc
 
     rng = np.random.default_rng(0)
     clip, self_influence = rng.normal(0.3, 0.1, 50), rng.gamma(2.0, 1e-4, 50)
+    clip[:5] = -0.2  # a planted group that only the CLIP-score singles out
     logged = np.log(self_influence)
-    expected = (clip.mean() - clip) / clip.std() + (logged - logged.mean()) / logged.std()
+    clip_view, influence_view = (clip.mean() - clip) / clip.std(), (logged - logged.mean()) / logged.std()
+    clip_weight, influence_weight = (clip_view > 2).mean(), max((influence_view > 2).mean(), 1e-3)
+    assert clip_weight == 0.1 and influence_weight < clip_weight
+    expected = (clip_weight * clip_view + influence_weight * influence_view) / (clip_weight + influence_weight)
     np.testing.assert_allclose(misalignment(clip, self_influence), expected, rtol=1e-12)
     scores = pd.DataFrame({"uid": [f"u{i}" for i in range(50)], "influence": rng.normal(0, 1e-4, 50),
                            "clip_score": clip, "self_influence_first_order": self_influence})
@@ -57,7 +62,11 @@ def test_default_detector_is_the_standardised_sum_and_falls_back_without_clip_sc
     assert default_detector(streamed) == "self_influence_first_order"
     assert "misalignment" not in with_misalignment(streamed).columns
     assert flag(streamed, top_k=3)["uid"].tolist() == [f"u{i}" for i in np.argsort(-self_influence, kind="stable")[:3]]
-    # a column that is all the same contributes nothing instead of dividing by zero; a zero
-    # self-influence ranks with the smallest positive one instead of going to log(0)
+    # a column that is all the same contributes zeros instead of dividing by zero; a zero self-influence
+    # ranks with the smallest positive one instead of going to log(0); with no outliers in either view
+    # both get the floor weight, so the detector is their plain mean
     logged = np.log([1.0, 1.0, 2.0, 3.0])
-    np.testing.assert_allclose(misalignment(np.full(4, 0.5), np.arange(4.0)), (logged - logged.mean()) / logged.std())
+    np.testing.assert_allclose(misalignment(np.full(4, 0.5), np.arange(4.0)), (logged - logged.mean()) / logged.std() / 2)
+    # a stored column from an earlier definition is replaced by the current one
+    stale = scores.assign(misalignment=0.0)
+    np.testing.assert_allclose(with_misalignment(stale)["misalignment"], expected, rtol=1e-12)

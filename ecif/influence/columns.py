@@ -43,8 +43,8 @@ MISALIGNMENT = "misalignment"
 SCORE_COLUMNS: tuple[ScoreColumn, ...] = (
     ScoreColumn(MISALIGNMENT, 1.0, "standard deviations",
                 "**the detector of wrong captions** (the default order): how far the pair's CLIP-score lies below the "
-                "run's mean plus how far the logarithm of its first-order self-influence lies above its mean, each in "
-                "standard deviations; high = likely misaligned",
+                "run's mean and how far the logarithm of its first-order self-influence lies above its mean, in "
+                "standard deviations, averaged with more weight on whichever singles out more pairs; high = likely misaligned",
                 streamed=False, not_streamed_because="it needs `clip_score`, which streamed scoring does not write; "
                 "`self_influence_first_order` is the detector there"),
     ScoreColumn("influence", -1.0, "nats",
