@@ -198,7 +198,7 @@ def report(rows: list[dict], machine: dict | None) -> str:
         lines.append(f"| {row['dataset']} | {row['backbone']} | {row['noise']:.0%} | {row['corruption']} | "
                      f"{','.join(map(str, row['seeds']))} | " + " | ".join(cells) +
                      f" | {LABELS[row['best_single']]} | {row['gap']:+.3f} [{row['gap_interval'][0]:+.3f}, {row['gap_interval'][1]:+.3f}] |")
-    means = {c: float(np.mean([row["ap"][c] for row in rows if c in row["ap"]])) for c in LABELS}
+    means = {c: float(np.mean([row["ap"][c] for row in rows if c in row["ap"]])) for c in LABELS if any(c in row["ap"] for row in rows)}
     lines += ["", "Mean AP over all settings: " + "; ".join(f"{LABELS[c]} {v:.3f}" for c, v in sorted(means.items(), key=lambda kv: -kv[1])) + "."]
     return "\n".join(lines)
 

@@ -379,3 +379,38 @@ def test_cleaning_and_tuned_peer_reports_from_synthetic_results():
     by_family = {row["family"]: row for row in summary}
     assert by_family["influence"]["loo"]["spearman"] > 0.9 > by_family["trak"]["loo"]["spearman"]
     assert "TRAK, tuned" in tuned.report(peer_results, summary, machine, None)
+
+
+def test_detect_sweep_reads_runs_and_compares_the_default_with_every_single_column(tmp_path):
+    """bench.detect_sweep on two made-up runs of one setting: it reads the scores back, recomputes the
+    default detector, and finds it within the tolerance of a clean CLIP-score where self-influence is blind
+    (the case an equal-weight sum misses)."""
+    import json
+
+    import pandas as pd
+
+    from bench import detect_sweep
+
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in (0, 1):
+        corrupted = np.arange(400) < 40
+        scores = pd.DataFrame({
+            "corrupted": corrupted,
+            "clip_score": np.where(corrupted, rng.normal(0.0, 0.05, 400), rng.normal(0.3, 0.05, 400)),
+            "self_influence_first_order": rng.lognormal(0.0, 1.0, 400),  # blind to the corruption
+            "influence": rng.normal(0, 1, 400),
+        })
+        run_dir = tmp_path / f"run{seed}"
+        run_dir.mkdir()
+        scores.to_parquet(run_dir / "scores.parquet")
+        path = tmp_path / f"detect-shapes-absorbed-seed{seed}-as.json"
+        path.write_text(json.dumps({"results": [{"run_dir": str(run_dir), "noise": 0.1, "corruption": "attribute-swap"}]}))
+        runs.append(str(path))
+    records = detect_sweep.collect(runs)
+    assert [r["seed"] for r in records] == [0, 1] and records[0]["backbone"] == "absorbed"
+    rows = detect_sweep.summarise(records, draws=20)
+    (row,) = rows
+    assert row["best_single"] == "clip_score" and row["ap"]["clip_score"] > 0.99
+    assert row["gap"] >= -detect_sweep.TOLERANCE > row["equal_weight_gap"]
+    assert "met** in 1 of 1" in detect_sweep.report(rows, None)
