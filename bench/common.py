@@ -195,6 +195,7 @@ def scored_demo_run(
     checkpoint: Path | None = None,
     delta: float | None = None,
     solver: str = "dense",
+    loss: str | None = None,
 ):
     """A demo run scored up to the ``scores`` stage (resumes whatever already finished).
 
@@ -202,7 +203,8 @@ def scored_demo_run(
     demo CLIP on the manifest (e.g. to compare fine-tuning settings on the very same backbone).
     ``delta``: the fine-tuning penalty towards the starting heads, when asked for explicitly (adds a
     ``-dX`` suffix to the folder). ``solver``: the curvature solver; anything but the dense reference
-    adds a ``-sNAME`` suffix.
+    adds a ``-sNAME`` suffix. ``loss``: the contrastive loss (``ecif.config.LOSSES``) the demo CLIP is
+    trained with and the run scores with, when asked for explicitly (adds a ``-LOSS`` suffix).
 
     A folder that already holds a run keeps the settings it was made with (recorded in run.json),
     even if the library's defaults changed since; the scripts print and record those settings.
@@ -221,6 +223,8 @@ def scored_demo_run(
         run_dir = run_dir.with_name(f"{run_dir.name}-d{delta:g}")
     if solver != "dense":
         run_dir = run_dir.with_name(f"{run_dir.name}-s{solver}")
+    if loss is not None:
+        run_dir = run_dir.with_name(f"{run_dir.name}-{loss}")
     stored = Run(run_dir).info.get("settings") if (run_dir / "run.json").exists() else None
     if stored:
         config = RunConfig.from_settings(run_dir, stored)
@@ -235,8 +239,12 @@ def scored_demo_run(
             config.finetune = dataclasses.replace(config.finetune, batch_size=batch_size)
         if delta is not None:
             config.finetune = dataclasses.replace(config.finetune, delta=delta)
+        if loss is not None:
+            config.finetune = dataclasses.replace(config.finetune, loss=loss)
         if checkpoint is not None:
-            config.model, config.checkpoint = "ecif-demo", Path(checkpoint).resolve()
+            from ecif.models.demo import demo_architecture
+
+            config.model, config.checkpoint = demo_architecture(checkpoint), Path(checkpoint).resolve()
     logger = StageLogger(prefix=f"{run_dir.name}: ")
     return run_pipeline(config, reporter=logger.reporter(), stop_after="scores")
 

@@ -26,6 +26,8 @@ benchmark on selected removals (half from the 10% most harmful; damping and δ s
     .venv/bin/python -m bench.fidelity                    # shapes and digits, seeds 0 1 2, 50 removals, 20 subsets
     .venv/bin/python -m bench.fidelity --quick            # shapes, seed 0, 12 removals, 6 subsets
     .venv/bin/python -m bench.fidelity --datasets digits --name fidelity-digits   # one data set (e.g. in parallel)
+    .venv/bin/python -m bench.fidelity --loss siglip --datasets shapes --seeds 0 --lds 0 --sets "" --weak-loo 0
+                                                          # the SigLIP demo (sigmoid loss) → fidelity-siglip.md/.json
     .venv/bin/python -m bench.fidelity --from-json bench/results/fidelity-shapes.json,bench/results/fidelity-digits.json
                                                           # one table from earlier runs' JSON, nothing measured
 """
@@ -41,6 +43,7 @@ from pathlib import Path
 
 from bench import common
 from bench.common import RetrainCache, correlations
+from ecif.config import LOSSES
 
 LOO_PREDICTORS = (
     ("influence", "exact ECIF"),
@@ -64,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loo", type=int, default=None, help="uniform single-pair removals per seed and δ (default 50)")
     parser.add_argument("--weak-loo", type=int, default=None,
                         help="of those, how many at the smallest convergent δ (default all; its retrains are the slowest)")
-    parser.add_argument("--lds", type=int, default=None, help="random half-subsets for the LDS (default 20)")
+    parser.add_argument("--lds", type=int, default=None, help="random half-subsets for the LDS (default 20; 0: none)")
+    parser.add_argument("--loss", default=None, choices=list(LOSSES),
+                        help="the demo CLIP's training loss and the objective's (default: the library's, CLIP's softmax); "
+                        "its own run folders, and results named fidelity-LOSS unless --name is given")
     parser.add_argument("--lds-fraction", type=float, default=0.5)
     parser.add_argument("--sets", default="0.01,0.05,0.1", help="leave-set-out fractions (most harmful first)")
     parser.add_argument("--tolerance", type=float, default=1e-10, help="gradient-norm tolerance of θ̂ and every retrain")
@@ -79,14 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.datasets = (args.datasets or ("shapes" if args.quick else "shapes,digits")).split(",")
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     args.loo = args.loo or (12 if args.quick else 50)
-    args.lds = args.lds or (6 if args.quick else 20)
+    args.lds = args.lds if args.lds is not None else (6 if args.quick else 20)
+    if args.loss and args.name == "fidelity":
+        args.name = f"fidelity-{args.loss}"
     return args
 
 
 # --- set-up -----------------------------------------------------------------------------------------
 
 
-def backbone(work: Path, dataset: str, seed: int, n: int) -> Path | None:
+def backbone(work: Path, dataset: str, seed: int, n: int, loss: str | None = None) -> Path | None:
     """The demo CLIP scored for this seed: shapes seeds use their own model (the app demo's for seed 0);
     digits seeds 1 and 2 reuse the seed-0 digits model on their own data draw (one training run instead
     of three; the data, its noise and the batching still change with the seed)."""
@@ -94,7 +102,7 @@ def backbone(work: Path, dataset: str, seed: int, n: int) -> Path | None:
         return None
     from ecif.run import Run
 
-    run = common.scored_demo_run(work, dataset, n, seed=0)
+    run = common.scored_demo_run(work, dataset, n, seed=0, loss=loss)
     return Path(Run(run.directory).info["demo_checkpoint"])
 
 
@@ -121,8 +129,8 @@ def regime(engine, label: str, delta: float, start, tolerance: float, cache: Ret
 
     from ecif.config import CurvatureConfig
     from ecif.curvature.solvers import CurvatureNotPositiveDefinite, build_solver
-    from ecif.objective.contrastive import ContrastiveProblem
     from ecif.finetune import finetune_heads
+    from ecif.objective.contrastive import ContrastiveProblem
 
     problem = ContrastiveProblem(engine.scope, engine.problem.data, engine.theta0, delta)
     dense = CurvatureConfig(solver="dense", damping=engine.curvature.damping)
@@ -167,9 +175,9 @@ def retrain(current: Regime, rows, tolerance: float):
     """
     import torch
 
-    from ecif.influence.scores import reduced_problem
     from ecif.config import FinetuneConfig
     from ecif.finetune import finetune_heads
+    from ecif.influence.scores import reduced_problem
 
     started = time.perf_counter()
     reduced = reduced_problem(current.problem, list(map(int, rows)))
@@ -345,7 +353,8 @@ def measure_seed(args, dataset: str, seed: int) -> dict:
     from ecif.tasks.engine import load_engine
 
     work = common.work_dir(args)
-    run = common.scored_demo_run(work, dataset, args.n, seed=seed, checkpoint=backbone(work, dataset, seed, args.n))
+    run = common.scored_demo_run(work, dataset, args.n, seed=seed, checkpoint=backbone(work, dataset, seed, args.n, args.loss),
+                                 loss=args.loss)
     engine = load_engine(run)
     selection = run.info["stages"]["fine-tune"].get("delta_selection") or {}
     sweep = selection.get("sweep", [])
@@ -436,7 +445,7 @@ def report(args, results: list[dict], summary: dict, seconds: float | None, mach
         common.machine_markdown(machine),
         "",
         f"Setting: the demo runs of the library's defaults (n = {args.n} per data set, 10% random-caption noise, heads scope, "
-        f"float64), seeds {', '.join(map(str, args.seeds))}; φ = trusted contrastive loss on the trusted pairs not used to choose δ. "
+        f"float64, {'the ' + args.loss + ' loss (demo CLIP trained with it)' if getattr(args, 'loss', None) else 'the softmax (CLIP) loss'}), seeds {', '.join(map(str, args.seeds))}; φ = trusted contrastive loss on the trusted pairs not used to choose δ. "
         f"θ̂ polished to a gradient norm ≤ {args.tolerance:g} at each δ and the dense Hessian (damping 1e-4) rebuilt there. "
         f"{args.loo} removals per seed drawn uniformly from all training pairs (at the smallest convergent δ the first "
         f"{', '.join(str(len(r['regimes']['smallest convergent δ']['loo'])) if 'smallest convergent δ' in r['regimes'] else 'none' for r in results)} "

@@ -19,6 +19,14 @@ CurvatureKind = Literal["hessian", "ggn"]
 AUTO_DELTA = "auto"
 DELTA_GRID = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
 
+#: The contrastive losses ``R`` can be built on (docs/method.md §1): CLIP's softmax cross-entropy
+#: (``"clip"``) and SigLIP's pairwise sigmoid with a logit bias (``"siglip"``).
+Loss = Literal["clip", "siglip"]
+LOSSES: tuple[Loss, ...] = ("clip", "siglip")
+#: ``FinetuneConfig.loss`` default: the model's own loss (``"siglip"`` for an open_clip model with a
+#: ``logit_bias``, else ``"clip"``; the demo model is trained with ``"clip"``).
+AUTO_LOSS = "auto"
+
 
 @dataclass
 class FinetuneConfig:
@@ -38,6 +46,10 @@ class FinetuneConfig:
 
     ``blocks`` widens the influence scope from the heads to the heads plus the last ``blocks``
     transformer blocks of each tower (:mod:`ecif.objective.blocks`); 0 keeps the heads only.
+
+    ``loss`` is the contrastive loss of ``R`` (:data:`LOSSES`), or ``"auto"``: the model's own
+    (:func:`ecif.models.scope.model_loss`).  With the demo model it is also the loss the demo CLIP is
+    trained with (``"auto"``: ``"clip"``).
     """
 
     delta: float | str = AUTO_DELTA
@@ -48,6 +60,7 @@ class FinetuneConfig:
     batch_size: int = 64
     batch_seed: int = 0
     learn_logit_scale: bool = False
+    loss: str = AUTO_LOSS
     gradient_tolerance: float = 1e-7
     max_lbfgs_iterations: int = 3000
     newton_steps: int = 5
@@ -64,6 +77,13 @@ class FinetuneConfig:
             raise ValueError(f"delta_grid must hold positive penalties, got {self.delta_grid}")
         if not 0 < self.selection_fraction < 1:
             raise ValueError(f"selection_fraction must lie strictly between 0 and 1, got {self.selection_fraction}")
+        if self.loss not in (AUTO_LOSS, *LOSSES):
+            raise ValueError(f"loss must be {AUTO_LOSS!r} or one of {', '.join(LOSSES)}, got {self.loss!r}")
+
+    @property
+    def demo_loss(self) -> Loss:
+        """The loss the demo model is trained with: ``loss``, with ``"auto"`` meaning CLIP's."""
+        return "clip" if self.loss == AUTO_LOSS else self.loss  # type: ignore[return-value]
 
     @property
     def auto_delta(self) -> bool:
@@ -83,6 +103,24 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+AUTO_DEVICE = "auto"
+#: The accepted forms of the ``device`` setting (``cuda:N``: the GPU of index N), as help texts list them.
+DEVICE_FORMS = (AUTO_DEVICE, "cpu", "cuda", "cuda:N")
+
+
+def parse_device(value: str) -> str:
+    """The ``device`` setting in its canonical form (``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
+
+    Only the form is checked here; whether this machine has the device is
+    :func:`ecif.devices.resolve_device`'s question.
+    """
+    text = str(value).strip().lower()
+    kind, colon, index = text.partition(":")
+    if text in (AUTO_DEVICE, "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit()):
+        return f"cuda:{int(index)}" if colon else text
+    raise ValueError(f"device must be one of {', '.join(DEVICE_FORMS)} (N a GPU index, e.g. cuda:1), got {value!r}")
 
 
 def parse_delta(value: float | str) -> float | str:
@@ -148,9 +186,16 @@ class RunConfig:
 
     ``manifest=None`` generates the built-in demo data inside the run folder.  ``model="demo"``
     trains the small ``ecif-demo`` open_clip model on the manifest's train split (cached); any
-    other open_clip model name needs a local ``checkpoint`` (or an already-cached ``pretrained`` tag).
+    other open_clip model name needs a local ``checkpoint`` (or an already-cached ``pretrained`` tag);
+    ``tokenizer`` is a local tokenizer folder for a model whose tokenizer open_clip would fetch from
+    the Hugging Face hub (SigLIP, Hugging Face text towers; without it, the local Hugging Face cache).
     ``trusted_split`` is the clean validation set the influence is measured on; ``test_split`` is
     scanned for mispredictions.
+
+    ``device`` is where the work runs (:data:`DEVICE_FORMS`, resolved by
+    :func:`ecif.devices.resolve_device`).  It is not one of :meth:`settings`: every device writes the
+    same files (the maths is float64 everywhere), so a run started on a GPU resumes on the CPU;
+    run.json's ``device`` (and each stage's) records the device actually used.
     """
 
     run_dir: Path
@@ -158,11 +203,16 @@ class RunConfig:
     model: str = "demo"
     checkpoint: Path | None = None
     pretrained: str | None = None
+    tokenizer: Path | None = None
     trusted_split: str = "val"
     test_split: str = "test"
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    device: str = AUTO_DEVICE
+
+    def __post_init__(self) -> None:
+        self.device = parse_device(self.device)
 
     def settings(self) -> dict[str, Any]:
         """The settings that determine the results (recorded in run.json, compared on resume)."""
@@ -171,6 +221,7 @@ class RunConfig:
             "model": self.model,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "pretrained": self.pretrained,
+            "tokenizer": str(self.tokenizer) if self.tokenizer else None,
             "trusted_split": self.trusted_split,
             "test_split": self.test_split,
             "demo": asdict(self.demo) if self.manifest is None else None,
@@ -186,6 +237,7 @@ class RunConfig:
             model=settings.get("model", "demo"),
             checkpoint=Path(settings["checkpoint"]) if settings.get("checkpoint") else None,
             pretrained=settings.get("pretrained"),
+            tokenizer=Path(settings["tokenizer"]) if settings.get("tokenizer") else None,
             trusted_split=settings.get("trusted_split", "val"),
             test_split=settings.get("test_split", "test"),
             demo=DemoDataConfig(**(settings.get("demo") or {})),

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from open_clip.model import CLIP
+from open_clip.coca_model import CoCa
 
 import ecif.models.features as features_module
 from ecif.data import LoadedManifest, ZeroShotClasses, load_manifest, make_demo_data
@@ -104,13 +104,10 @@ def test_set_heads_writes_what_get_heads_reads(small_frame) -> None:
 
 
 def test_unsupported_architecture_is_named() -> None:
-    resnet_clip = CLIP(
-        embed_dim=16,
-        vision_cfg={"layers": [1, 1, 1, 1], "width": 8, "image_size": 32},
-        text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1},
-    )
-    with pytest.raises(UnsupportedModelError, match=r"CLIP with image tower ModifiedResNet .* not supported yet"):
-        get_heads(resnet_clip)
+    tower = {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}
+    coca = CoCa(embed_dim=16, multimodal_cfg=tower, text_cfg=tower, vision_cfg={"layers": 1, "width": 16, "head_width": 8, "patch_size": 8, "image_size": 32})
+    with pytest.raises(UnsupportedModelError, match=r"CoCa models are not supported; supported image towers: open_clip VisionTransformer"):
+        get_heads(coca)
 
 
 def _count_encoded_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -2,8 +2,9 @@
 
 Every ``import``/``from … import`` in ``ecif/`` counts, including those inside functions (a lazy import
 is still a dependency).  The layers, lowest first, are the ones docs/method.md and the README name:
-settings and plumbing → data → objective → curvature → fine-tuning → influence → models and the
-nearest-neighbour index → tasks → curation → background jobs → command line and the public API.
+settings and plumbing → the device setting resolved by torch → data → objective → curvature →
+fine-tuning → influence → models and the nearest-neighbour index → tasks → curation → background jobs
+→ command line and the public API.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ecif"
 
 LAYERS = (
     ("ecif.paths", "ecif.progress", "ecif.config"),
+    ("ecif.devices",),
     ("ecif.run",),
     ("ecif.data",),
     ("ecif.objective",),

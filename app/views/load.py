@@ -12,6 +12,7 @@ from views.finetune import summary as finetune_summary
 from ecif.config import AUTO_DELTA, CurvatureConfig, CurvatureKind, FinetuneConfig, RunConfig
 from ecif.curvature.solvers import SOLVER_NAMES
 from ecif.data.manifest import ManifestError, load_manifest
+from ecif.devices import device_choices
 from ecif.jobs.launch import run_dir_for
 from ecif.run import Run
 
@@ -80,6 +81,10 @@ def _own_data_form(ctx: Context) -> None:
         blocks = st.number_input("Transformer blocks in the influence scope", 0, 4, finetune.blocks, key="load_blocks",
                                  help="0: the projection heads only (fast, any size). N > 0 adds the last N blocks of "
                                  "each tower: influence through what the towers compute, for up to a few thousand pairs.")
+        devices = device_choices()
+        device = st.selectbox("Device", devices, devices.index(defaults.device), key="load_device",
+                              help="Where the job computes. auto: the first GPU torch sees, else the CPU. The maths "
+                              "stays float64 and the results are the same on every device.")
     default_dir = run_dir_for(manifest, model, checkpoint or None, blocks=int(blocks)) if manifest else None
     run_dir = st.text_input("Run folder (optional)", key="load_run_dir",
                             placeholder=str(default_dir or "derived from the manifest"),
@@ -95,7 +100,7 @@ def _own_data_form(ctx: Context) -> None:
             trusted_split=trusted, test_split=test,
             finetune=FinetuneConfig(delta=AUTO_DELTA if auto_delta else float(delta), batch_size=int(batch),
                                     blocks=int(blocks)),
-            curvature=CurvatureConfig(damping=float(damping), solver=solver, kind=kind))
+            curvature=CurvatureConfig(damping=float(damping), solver=solver, kind=kind), device=device)
         _start(ctx, config)
         st.rerun()
 

@@ -67,7 +67,7 @@ def pair_gradients(scope: HeadsScope, theta: Tensor, data: ContrastiveData, part
         image, text = data.image[batch], data.text[batch]
 
         def terms(parameters: Tensor, image: Tensor = image, text: Tensor = text) -> tuple[Tensor, ...]:
-            every = batch_pair_terms(batch_logits(scope, parameters, image, text))
+            every = batch_pair_terms(batch_logits(scope, parameters, image, text), loss=scope.loss)
             return tuple(every[index[part]] for part in parts)
 
         jacobians = jacrev(terms)(theta)

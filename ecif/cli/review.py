@@ -93,12 +93,15 @@ def _count(number: int, noun: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ecif.config import AUTO_LOSS
     from ecif.tasks.detect import detection_report
     from ecif.tasks.pipeline import default_demo_run_dir
     from ecif.tasks.trace import mispredictions, trace
 
-    args.out = args.out or str(default_demo_run_dir())
-    args.manifest, args.model, args.checkpoint, args.pretrained = None, "demo", None, None
+    if not args.out:  # a demo with another loss (`--loss siglip`) is another run: its own folder
+        default = default_demo_run_dir()
+        args.out = str(default if args.loss == AUTO_LOSS else default.with_name(f"{default.name}-{args.loss}"))
+    args.manifest, args.model, args.checkpoint, args.pretrained, args.tokenizer = None, "demo", None, None, None
     run = _run_until(args, None)
     _name_unconverged(run)
     scores = run.scores()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecif.cli.options import _add_model_options
+from ecif.cli.options import _add_device_option, _add_model_options
 from ecif.cli.output import _emit, _reporter, _table
 from ecif.config import StreamingConfig
 from ecif.data.manifest import STREAM_ROWS_PER_CHUNK
@@ -24,6 +24,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--rows-per-chunk", type=int, default=STREAM_ROWS_PER_CHUNK, help=f"manifest rows per chunk and store shard at most (default {STREAM_ROWS_PER_CHUNK})")
     p.add_argument("--batch-size", type=int, default=64, help="images encoded at a time (default 64)")
     _add_ray_option(p, "encode chunks as Ray tasks (images, tars and checkpoint must be at the same paths on every node)")
+    _add_device_option(p)
     p.add_argument("--top", type=int, default=20, help="left-out rows shown (default 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_extract_features)
@@ -68,6 +69,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     store = extract_feature_store(
         args.manifest, args.out, args.model, args.checkpoint, args.pretrained, splits=args.split,
         rows_per_chunk=args.rows_per_chunk, batch_size=args.batch_size, executor=_executor(args), reporter=_reporter(args),
+        device=args.device, tokenizer=args.tokenizer,
     )
     left_out = read_left_out(store.directory)
     payload = {"store": store.directory, "pairs": store.n_pairs, "shards": store.n_shards, "image_dim": store.image_dim,

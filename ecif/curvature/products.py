@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from ecif.config import CurvatureKind
+from ecif.config import CurvatureKind, Loss
 from ecif.objective.contrastive import (
     ContrastiveProblem,
     HeadsScope,
@@ -23,6 +23,7 @@ from ecif.objective.contrastive import (
     mask_logits,
     positive_terms,
 )
+from ecif.objective.logits import learnt_logit_count
 from ecif.progress import Reporter, as_reporter
 
 Product = Callable[[Tensor], Tensor]
@@ -38,12 +39,17 @@ def hessian_product(problem: ContrastiveProblem, theta: Tensor) -> Product:
     return product
 
 
-def _logit_hessian_product(logits: Tensor, tangent: Tensor) -> Tensor:
-    """Hessian of ``Σ_i (lse_row_i + lse_col_i)`` with respect to masked logits ``S``, applied to ``dS``.
+def _logit_hessian_product(logits: Tensor, tangent: Tensor, loss: Loss = "clip") -> Tensor:
+    """Hessian of a batch's loss with respect to masked logits ``S``, applied to ``dS``.
 
-    Each row (and column) softmax cross-entropy has Hessian ``diag(p) − p pᵀ``; ``−2 S_ii`` is linear.
-    Padded entries have probability exactly 0, so they contribute nothing.
+    Softmax, ``Σ_i (lse_row_i + lse_col_i)``: each row (and column) softmax cross-entropy has Hessian
+    ``diag(p) − p pᵀ``; ``−2 S_ii`` is linear.  Sigmoid, ``Σ_ij −log σ(y_ij S_ij)``: diagonal in ``S``,
+    ``σ(S_ij) σ(−S_ij)`` whatever the label.  Padded entries have probability exactly 0, so they
+    contribute nothing.
     """
+    if loss == "siglip":
+        probabilities = torch.sigmoid(logits)
+        return probabilities * (1.0 - probabilities) * tangent
     rows = torch.softmax(logits, dim=-1)
     cols = torch.softmax(logits, dim=-2)
     row_part = rows * tangent - rows * (rows * tangent).sum(dim=-1, keepdim=True)
@@ -65,7 +71,7 @@ def gauss_newton_product(problem: ContrastiveProblem, theta: Tensor) -> Product:
 
             logits, tangent = jvp(logits_of, (theta,), (vector,))
             _, pullback = vjp(logits_of, theta)
-            total = total + pullback(_logit_hessian_product(logits, tangent))[0] / data.normaliser
+            total = total + pullback(_logit_hessian_product(logits, tangent, scope.loss))[0] / data.normaliser
         return total
 
     return product
@@ -92,31 +98,33 @@ def dense_curvature(
     pre-normalisation projections ``z = h W`` ``[B, e]`` of both modalities (and ``ℓ``), so its
     curvature is ``Gᵀ C_z G`` with ``C_z`` the curvature in ``z`` (closed form, see
     :func:`_embedding_curvature`; the learnt scale's row is one curvature-vector product) and
-    ``G = ∂z/∂θ = h ⊗ I``, applied as two feature contractions.
+    ``G = ∂z/∂θ = h ⊗ I``, applied as two feature contractions.  A learnt logit scale together with a
+    learnt bias (sigmoid loss) has no closed-form rows here: that scope is assembled by products.
     """
     if kind not in ("hessian", "ggn"):
         raise ValueError(f"unknown curvature kind {kind!r}; expected 'hessian' or 'ggn'")
     reporter = as_reporter(reporter)
     scope, data = problem.scope, problem.data
-    if not isinstance(scope, HeadsScope):
+    if not isinstance(scope, HeadsScope) or learnt_logit_count(scope) > 1:
         return _dense_by_products(problem, theta, kind, reporter)
-    w_image, w_text, log_scale = scope.split(theta)
+    log_scale, bias = scope.log_scale(theta), scope.bias(theta)
     embed_dim, size = scope.embed_dim, theta.numel()
     widths = (scope.image_dim, scope.text_dim)
     offsets = np.cumsum([0, widths[0] * embed_dim, widths[1] * embed_dim])
     parts = [slice(offsets[a], offsets[a + 1]) for a in range(2)]
-    matrix = torch.zeros(size, size, dtype=theta.dtype)
+    matrix = torch.zeros(size, size, dtype=theta.dtype, device=theta.device)
     for position, rows in enumerate(data.batches):
         batch = len(rows)
-        features = (data.image[rows], data.text[rows])
-        z_image, z_text = features[0] @ w_image, features[1] @ w_text
-        blocks = _embedding_curvature(z_image, z_text, log_scale, kind)
+        image, text = data.image[rows], data.text[rows]
+        z_image, z_text = scope.project_image(theta, image), scope.project_text(theta, text)
+        features = (scope.image_inputs(image), scope.text_inputs(text))  # without any fixed offset
+        blocks = _embedding_curvature(z_image, z_text, log_scale, kind, bias)
         for (a, b), block in zip(((0, 0), (0, 1), (1, 1)), blocks):
             # [i, e, j, e'] → contract j with h_b, then i with h_a, as two large matrix products
             right = block.permute(0, 1, 3, 2).reshape(-1, batch) @ features[b]  # [i·e·e', d_b]
             right = right.reshape(batch, embed_dim, embed_dim, widths[b]).permute(0, 1, 3, 2).reshape(batch, -1)
             matrix[parts[a], parts[b]] += (features[a].T @ right).reshape(widths[a] * embed_dim, -1)
-        if scope.learn_logit_scale:
+        if scope.learn_logit_scale:  # softmax only (see above)
             column = _scale_column(z_image, z_text, log_scale, kind)
             halves = column[:-1].reshape(2, batch, embed_dim)
             for a in range(2):
@@ -136,7 +144,7 @@ def _dense_by_products(problem: ContrastiveProblem, theta: Tensor, kind: Curvatu
     reference for small blocks scopes, where no closed form in embedding space applies)."""
     product = vmap(curvature_product(problem, theta, kind))
     size = theta.numel()
-    identity = torch.eye(size, dtype=theta.dtype)
+    identity = torch.eye(size, dtype=theta.dtype, device=theta.device)
     parts = []
     for start in range(0, size, columns):
         parts.append(product(identity[start : start + columns]))
@@ -164,19 +172,26 @@ def _scale_column(z_image: Tensor, z_text: Tensor, log_scale: Tensor, kind: Curv
 
 
 def _embedding_curvature(
-    z_image: Tensor, z_text: Tensor, log_scale: Tensor, kind: CurvatureKind
+    z_image: Tensor, z_text: Tensor, log_scale: Tensor, kind: CurvatureKind, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Curvature of one batch's ``Σ_i (a_i + b_i)`` in its projections: the image–image, image–text
-    and text–text blocks, each ``[B, e, B, e]``.
+    """Curvature of one batch's loss in its projections: the image–image, image–text and text–text
+    blocks, each ``[B, e, B, e]``; softmax, or sigmoid with logit bias ``bias`` when it is given.
 
     Closed form, because ``vmap`` over ``2Be`` curvature-vector products costs seconds per batch.
-    With ``S = s·U Vᵀ``, row softmax ``P``, column softmax ``Q`` and ``G = ∂L/∂S = P + Q − 2I``, the
-    curvature in the unit embeddings ``(U, V)`` has blocks (``m_i = Σ_j P_ij v_j``, ``n_j = Σ_i Q_ij u_i``)
+    Softmax, ``Σ_i (a_i + b_i)``: with ``S = s·U Vᵀ``, row softmax ``P``, column softmax ``Q`` and
+    ``G = ∂L/∂S = P + Q − 2I``, the curvature in the unit embeddings ``(U, V)`` has blocks
+    (``m_i = Σ_j P_ij v_j``, ``n_j = Σ_i Q_ij u_i``)
 
     - ``UU[i,k] = s²(δ_ik (Σ_j (P_ij + Q_ij) v_j v_jᵀ − m_i m_iᵀ) − Σ_j Q_ij Q_kj v_j v_jᵀ)``, ``VV`` alike;
-    - ``UV[i,j] = s²(P_ij (v_j − m_i) u_iᵀ + Q_ij v_j (u_i − n_j)ᵀ) + s·G_ij I`` (the last term: Hessian only);
+    - ``UV[i,j] = s²(P_ij (v_j − m_i) u_iᵀ + Q_ij v_j (u_i − n_j)ᵀ) + s·G_ij I`` (the last term: Hessian only).
 
-    which ``normalize``'s Jacobian ``(I − u uᵀ)/‖z‖`` carries to ``z``.  The exact Hessian adds the
+    Sigmoid, ``Σ_ij −log σ(y_ij S_ij)`` with ``S = s·U Vᵀ + b``: the curvature in ``S`` is diagonal,
+    ``ω_ij = σ(S_ij) σ(−S_ij)``, and ``G = σ(S) − I``, so
+
+    - ``UU[i,k] = s² δ_ik Σ_j ω_ij v_j v_jᵀ``, ``VV[j,l] = s² δ_jl Σ_i ω_ij u_i u_iᵀ``;
+    - ``UV[i,j] = s² ω_ij v_j u_iᵀ + s·G_ij I`` (the last term: Hessian only).
+
+    Either is carried to ``z`` by ``normalize``'s Jacobian ``(I − u uᵀ)/‖z‖`` carries to ``z``.  The exact Hessian adds the
     second derivative of ``normalize`` against the embedding gradient ``g``:
     ``(−g uᵀ − u gᵀ − (g·u) I + 3 (g·u) u uᵀ)/‖z‖²`` on each pair's own block.  The Gauss–Newton
     curvature (logits as outputs) leaves out both second-derivative terms.
@@ -186,24 +201,32 @@ def _embedding_curvature(
     norm_u, norm_v = z_image.norm(dim=1), z_text.norm(dim=1)
     u, v = z_image / norm_u[:, None], z_text / norm_v[:, None]
     logits = scale * (u @ v.T)
-    rows, cols = torch.softmax(logits, dim=1), torch.softmax(logits, dim=0)
-    eye_batch = torch.eye(batch, dtype=u.dtype)
-    eye_width = torch.eye(width, dtype=u.dtype)
-    loss_gradient = rows + cols - 2.0 * eye_batch  # G = ∂L/∂S
+    eye_batch = torch.eye(batch, dtype=u.dtype, device=u.device)
+    eye_width = torch.eye(width, dtype=u.dtype, device=u.device)
+    if bias is None:
+        rows, cols = torch.softmax(logits, dim=1), torch.softmax(logits, dim=0)
+        loss_gradient = rows + cols - 2.0 * eye_batch  # G = ∂L/∂S
 
-    def same_side(anchor: Tensor, other: Tensor, own: Tensor, cross: Tensor) -> Tensor:
-        # own[i, j]: anchor i's softmax over the others; cross[i, j]: anchor i's entry in other j's softmax
-        mean = own @ other
-        diagonal = torch.einsum("ij,ja,jb->iab", own + cross, other, other) - mean[:, :, None] * mean[:, None, :]
-        coupled = torch.einsum("ij,kj,ja,jb->iakb", cross, cross, other, other)
-        return scale**2 * (torch.einsum("ik,iab->iakb", eye_batch, diagonal) - coupled)
+        def same_side(anchor: Tensor, other: Tensor, own: Tensor, cross: Tensor) -> Tensor:
+            # own[i, j]: anchor i's softmax over the others; cross[i, j]: anchor i's entry in other j's softmax
+            mean = own @ other
+            diagonal = torch.einsum("ij,ja,jb->iab", own + cross, other, other) - mean[:, :, None] * mean[:, None, :]
+            coupled = torch.einsum("ij,kj,ja,jb->iakb", cross, cross, other, other)
+            return scale**2 * (torch.einsum("ik,iab->iakb", eye_batch, diagonal) - coupled)
 
-    image_image = same_side(u, v, rows, cols)
-    text_text = same_side(v, u, cols.T, rows.T)
-    image_text = scale**2 * (
-        torch.einsum("ij,ija,ib->iajb", rows, v[None, :, :] - (rows @ v)[:, None, :], u)
-        + torch.einsum("ij,ja,ijb->iajb", cols, v, u[:, None, :] - (cols.T @ u)[None, :, :])
-    )
+        image_image = same_side(u, v, rows, cols)
+        text_text = same_side(v, u, cols.T, rows.T)
+        image_text = scale**2 * (
+            torch.einsum("ij,ija,ib->iajb", rows, v[None, :, :] - (rows @ v)[:, None, :], u)
+            + torch.einsum("ij,ja,ijb->iajb", cols, v, u[:, None, :] - (cols.T @ u)[None, :, :])
+        )
+    else:
+        probabilities = torch.sigmoid(logits + bias)
+        weights = probabilities * (1.0 - probabilities)  # ω = ∂²L/∂S² (diagonal)
+        loss_gradient = probabilities - eye_batch  # G = ∂L/∂S
+        image_image = scale**2 * torch.einsum("ik,iab->iakb", eye_batch, torch.einsum("ij,ja,jb->iab", weights, v, v))
+        text_text = scale**2 * torch.einsum("jl,jab->jalb", eye_batch, torch.einsum("ij,ia,ib->jab", weights, u, u))
+        image_text = scale**2 * torch.einsum("ij,ja,ib->iajb", weights, v, u)
     if kind == "hessian":
         image_text = image_text + scale * torch.einsum("ij,ab->iajb", loss_gradient, eye_width)
 
@@ -231,12 +254,12 @@ def _embedding_curvature(
     return image_image, image_text, text_text
 
 
-def linear_operator(product: Product, size: int, dtype: torch.dtype = torch.float64):
-    """``product`` as a scipy ``LinearOperator`` on float64 numpy vectors (for ``eigsh``)."""
+def linear_operator(product: Product, size: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"):
+    """``product`` (of vectors on ``device``) as a scipy ``LinearOperator`` on float64 numpy vectors (for ``eigsh``)."""
     from scipy.sparse.linalg import LinearOperator
 
     def matvec(vector: np.ndarray) -> np.ndarray:
-        return product(torch.as_tensor(vector.ravel(), dtype=dtype)).detach().numpy()
+        return product(torch.as_tensor(vector.ravel(), dtype=dtype, device=device)).detach().cpu().numpy()
 
     return LinearOperator((size, size), matvec=matvec, dtype=np.float64)
 
@@ -271,6 +294,7 @@ def smallest_eigenvalue_estimate(
     max_products: int = 800,
     tolerance: float = 1e-3,
     memory_bytes: int = 1 << 30,
+    device: torch.device | str = "cpu",
 ) -> EigenvalueEstimate:
     """Smallest (algebraic) eigenvalue of the symmetric operator ``product`` by Lanczos with full
     reorthogonalisation, within ``max_products`` products; always a finite answer for a finite operator.
@@ -279,7 +303,8 @@ def smallest_eigenvalue_estimate(
     slowly (scipy's ``eigsh`` then found no Ritz value at all on the demo at ``δ = 0.03``); this keeps
     the smallest Ritz value and its residual, both meaningful at any step.  Every new vector is
     reorthogonalised against the whole basis (classical Gram–Schmidt, repeated when it removed much),
-    so no spurious copies of converged Ritz values appear.  Converged when the residual is at most
+    so no spurious copies of converged Ritz values appear.  The basis lives on ``device``, where
+    ``product`` takes its vectors; only the small projected matrix is on the CPU.  Converged when the residual is at most
     ``tolerance · |value|`` (or ``1e-10`` of the spectrum's scale, for an eigenvalue at zero).
     The basis is kept whole while it fits in ``memory_bytes`` (800 vectors of 6144 parameters: 39 MB);
     beyond that (huge scopes) it holds at least 40 vectors and restarts thickly, keeping the lower
@@ -294,9 +319,10 @@ def smallest_eigenvalue_estimate(
     itemsize = torch.empty((), dtype=dtype).element_size()
     capacity = max(min(max_products, 40), min(max_products, memory_bytes // max(1, size * itemsize)))
     capacity = max(1, min(capacity, size))
-    basis = torch.zeros(capacity + 1, size, dtype=dtype)
+    basis = torch.zeros(capacity + 1, size, dtype=dtype, device=device)
     projected = np.zeros((capacity + 1, capacity + 1))  # Qᵀ H Q of the basis, with the couplings β
-    start = torch.randn(size, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    # Drawn on the CPU: the same start vector, hence the same estimate, on every device.
+    start = torch.randn(size, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
     basis[0] = start / start.norm()
     restarted = False
     current = 0  # the basis vector to expand next
@@ -357,7 +383,7 @@ def smallest_eigenvalue_estimate(
             keep = max(1, capacity // 2)
             couplings = coupling * vectors[-1, :keep]
             with torch.no_grad():
-                kept = torch.as_tensor(vectors[:, :keep].T.copy(), dtype=dtype) @ basis[:capacity]
+                kept = torch.as_tensor(vectors[:, :keep].T.copy(), dtype=dtype, device=device) @ basis[:capacity]
                 basis[keep] = basis[capacity]
                 basis[:keep] = kept
             projected[:] = 0.0
@@ -384,5 +410,6 @@ def lanczos_smallest_eigenvalue_estimate(
 ) -> EigenvalueEstimate:
     """Smallest eigenvalue of the undamped curvature with its Lanczos residual and whether it converged
     (an upper bound when ``max_products`` ran out; see :func:`ecif.curvature.products.smallest_eigenvalue_estimate`)."""
-    return smallest_eigenvalue_estimate(curvature_product(problem, theta, kind), theta.numel(), theta.dtype, max_products)
+    product = curvature_product(problem, theta, kind)
+    return smallest_eigenvalue_estimate(product, theta.numel(), theta.dtype, max_products, device=theta.device)
 

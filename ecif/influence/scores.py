@@ -50,9 +50,9 @@ def influence_along(problem: ContrastiveProblem, theta: Tensor, direction: Tenso
     with torch.no_grad():
         _, tangents = jvp(lambda parameters: pair_terms(scope, parameters, data), (theta,), (direction,))
     n = data.normaliser
-    pos = (tangents["pos"] / n).numpy()
-    neg = (tangents["neg"] / n).numpy()
-    neg_first = (tangents["neg_first_order"] / n).numpy()
+    pos = (tangents["pos"] / n).cpu().numpy()
+    neg = (tangents["neg"] / n).cpu().numpy()
+    neg_first = (tangents["neg_first_order"] / n).cpu().numpy()
     return PairInfluence(
         influence=pos + neg,
         influence_pos=pos,
@@ -86,7 +86,7 @@ def per_pair_gradients(
         image, text = data.image[batch], data.text[batch]
 
         def removal_terms(parameters: Tensor, image: Tensor = image, text: Tensor = text) -> Tensor:
-            terms = batch_pair_terms(batch_logits(scope, parameters, image, text))
+            terms = batch_pair_terms(batch_logits(scope, parameters, image, text), loss=scope.loss)
             return terms[0] + terms[index]
 
         yield batch, jacrev(removal_terms)(theta)
@@ -109,12 +109,12 @@ def self_influence(
     says little about whether the pair's own caption is wrong).
     """
     reporter = as_reporter(reporter)
-    values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype)
+    values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype, device=theta.device)
     batches = per_pair_gradients(problem, theta, negative)
     stage = "self-influence" if negative == "exact" else "self-influence (first order)"
     for rows, gradients in reporter.iterate(batches, stage, total=len(problem.data.batches)):
         values[rows] = solver.inverse_quadratic(gradients) / problem.data.normaliser
-    return values.numpy()
+    return values.cpu().numpy()
 
 
 def euclidean_step_norms(problem: ContrastiveProblem, theta: Tensor, solver: CurvatureSolver) -> np.ndarray:
@@ -123,10 +123,10 @@ def euclidean_step_norms(problem: ContrastiveProblem, theta: Tensor, solver: Cur
     The solves go through ``solver.solve_per_pair``: a refined solver answers them with its
     approximation, as it does self-influence (see :class:`ecif.curvature.solvers.RefinedSolver`).
     """
-    values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype)
+    values = torch.zeros(problem.data.n_pairs, dtype=theta.dtype, device=theta.device)
     for rows, gradients in per_pair_gradients(problem, theta):
         values[rows] = solver.solve_per_pair(gradients).norm(dim=1) / problem.data.normaliser
-    return values.numpy()
+    return values.cpu().numpy()
 
 
 def relative_influence(influence: np.ndarray, step_norms: np.ndarray) -> np.ndarray:
@@ -140,8 +140,8 @@ def relative_influence(influence: np.ndarray, step_norms: np.ndarray) -> np.ndar
 def additive_set_gradient(problem: ContrastiveProblem, theta: Tensor, rows: list[int] | np.ndarray) -> Tensor:
     """``(1/N) Σ_{n∈D*} ∇(Pos_n + Neg_n)``, so that ``Σ Δθ_n = H⁻¹ ·`` this (the additive estimate)."""
     scope, data = problem.scope, problem.data
-    cotangent = torch.zeros(data.n_pairs, dtype=theta.dtype)
-    cotangent[torch.as_tensor(np.asarray(rows, dtype=np.int64))] = 1.0 / data.normaliser
+    cotangent = torch.zeros(data.n_pairs, dtype=theta.dtype, device=theta.device)
+    cotangent[torch.as_tensor(np.asarray(rows, dtype=np.int64), device=theta.device)] = 1.0 / data.normaliser
     _, pullback = vjp(lambda parameters: pair_terms(scope, parameters, data)["pos"], theta)
     positive = pullback(cotangent)[0]
     _, pullback = vjp(lambda parameters: pair_terms(scope, parameters, data)["neg"], theta)

@@ -16,6 +16,8 @@ Layout and maths:
   ``batch_size`` (:func:`ecif.objective.contrastive.reference_batches` with seed ``seed + shard``):
   every chunk of work is whole batches, so the per-shard :class:`ContrastiveData` (with the global
   ``N`` as its normaliser) gives exactly the terms of the full objective that live in that shard.
+  The loss is the scope's (softmax or SigLIP's sigmoid, with its fixed bias); ``Σ(a+b)`` below
+  stands for the sum of every term of the shard's batches (:func:`ecif.objective.contrastive.contrastive_sum`).
 - Curvature: EK-FAC (:class:`ecif.curvature.solvers.KroneckerSolver`), whose statistics are sums over
   pairs: each shard's are computed independently (:func:`shard_statistics`), summed in shard order
   on the driver (:func:`ecif.curvature.solvers.sum_statistics`), then the eigenbases; a second pass
@@ -521,7 +523,9 @@ def _fingerprint(store: FeatureStore, trusted: ContrastiveData, scope: HeadsScop
     # The columns are part of what a folder holds: one scored by a version with other columns is refused.
     columns = [*DIRECTIONAL_COLUMNS, *(SELF_INFLUENCE_COLUMNS if config.self_influence else ())]
     settings = {key: value for key, value in asdict(config).items() if key not in _CHECK_SETTINGS}
-    digest.update(json.dumps([asdict(scope), settings, columns], sort_keys=True).encode())
+    # The scope's fields less "kind": asdict of a scope without offsets, as before there were any.
+    scope_settings = {key: value for key, value in scope.to_dict().items() if key != "kind"}
+    digest.update(json.dumps([scope_settings, settings, columns], sort_keys=True).encode())
     for tensor in (theta, trusted.image, trusted.text, *trusted.batches):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()

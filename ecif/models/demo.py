@@ -18,12 +18,14 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.loss import SigLipLoss
 
+from ecif.config import Loss
 from ecif.data import LoadedManifest
 from ecif.data.demo import DemoName, caption_words
-from ecif.models.configs import DEMO_CONFIG_FILE, DEMO_MODEL_NAME
+from ecif.models.configs import DEMO_MODEL_NAMES, demo_config_file
 from ecif.models.features import load_images
-from ecif.models.open_clip_models import load_model, save_checkpoint
+from ecif.models.open_clip_models import load_model, read_state_dict, save_checkpoint
 from ecif.paths import asset_path, cache_dir, file_sha256, text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_bytes, atomic_write_json
@@ -54,6 +56,8 @@ class DemoTrainConfig:
     (small enough that "top left" stays top left); ``hard_negative_group`` is the size of the
     hard-negative groups batches are made of (see :func:`hard_negative_order`; 0 or 1: plain random
     batches); ``num_threads`` is fixed so that results do not depend on the machine's core count.
+    ``loss``: CLIP's softmax loss (``open_clip.ClipLoss``, the ``ecif-demo`` architecture) or SigLIP's
+    sigmoid loss (``open_clip.SigLipLoss``, the ``ecif-demo-sigmoid`` architecture with a logit bias).
     """
 
     epochs: int = 80
@@ -66,14 +70,18 @@ class DemoTrainConfig:
     hard_negative_group: int = 4
     seed: int = 0
     num_threads: int = 2
+    loss: Loss = "clip"
 
 
 def demo_cache_key(manifest: LoadedManifest, config: DemoTrainConfig) -> str:
     """Cache key of a trained demo model: manifest content, settings, architecture, procedure."""
+    settings = asdict(config)
+    if config.loss == "clip":  # the settings as they were before the loss was one: the CLIP caches and the shipped model stay valid
+        del settings["loss"]
     return text_sha256(
         manifest.sha256,
-        json.dumps(asdict(config), sort_keys=True),
-        DEMO_CONFIG_FILE.read_text(),
+        json.dumps(settings, sort_keys=True),
+        demo_config_file(config.loss).read_text(),
         _TRAINING_VERSION,
     )[:24]
 
@@ -101,17 +109,18 @@ def train_demo_model(
         reporter.report(DEMO_STAGE, 1, 1)
         return shipped
     models_dir = cache_dir() / "models"
-    final_path = models_dir / f"{DEMO_MODEL_NAME}-{key}.safetensors"
+    model_name = DEMO_MODEL_NAMES[config.loss]
+    final_path = models_dir / f"{model_name}-{key}.safetensors"
     if final_path.exists():
         return final_path
-    resume_path = models_dir / f"{DEMO_MODEL_NAME}-{key}.resume.pt"
+    resume_path = models_dir / f"{model_name}-{key}.resume.pt"
 
     train = manifest.frame[manifest.frame["split"] == "train"]
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     try:
-        loaded = load_model(DEMO_MODEL_NAME, seed=config.seed)
+        loaded = load_model(model_name, seed=config.seed)
         model = loaded.model
         images, failed = load_images(train["filepath"].astype(str).tolist(), loaded.preprocess)
         keep = torch.tensor([position not in failed for position in range(len(train))])
@@ -137,7 +146,7 @@ def train_demo_model(
         )
         warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total_steps))
-        loss_function = open_clip.ClipLoss()
+        loss_function = SigLipLoss() if config.loss == "siglip" else open_clip.ClipLoss()
 
         first_epoch = 0
         if resume_path.exists():
@@ -156,8 +165,8 @@ def train_demo_model(
             for step in range(steps_per_epoch):
                 batch = order[step * batch_size : (step + 1) * batch_size]
                 pixels = _random_shift(images[batch], config.max_shift, generator)
-                image_features, text_features, logit_scale = model(pixels, tokens[batch])
-                loss = loss_function(image_features, text_features, logit_scale)
+                # (image features, text features, logit scale[, logit bias]): what each loss takes
+                loss = loss_function(*model(pixels, tokens[batch]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -173,6 +182,12 @@ def train_demo_model(
         return final_path
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def demo_architecture(checkpoint: str | Path) -> str:
+    """The demo architecture a trained demo checkpoint fits: ``ecif-demo-sigmoid`` when it holds a
+    ``logit_bias`` (trained with SigLIP's loss), else ``ecif-demo``."""
+    return DEMO_MODEL_NAMES["siglip" if "logit_bias" in read_state_dict(checkpoint) else "clip"]
 
 
 def shipped_demo_record() -> dict | None:
@@ -212,7 +227,7 @@ def write_shipped_demo_model(
     other 49,000-odd rows never received a gradient; they read back as zeros), so every caption
     and prompt of the demo embeds exactly as with the trained model.
     """
-    loaded = load_model(DEMO_MODEL_NAME, checkpoint=checkpoint)
+    loaded = load_model(DEMO_MODEL_NAMES[config.loss], checkpoint=checkpoint)
     name: DemoName = demo_data["name"]
     tokens = loaded.tokenizer([" ".join(caption_words(name))]).unique()
     path = asset_path(SHIPPED_MODEL)

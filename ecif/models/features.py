@@ -1,9 +1,11 @@
 """Backbone features (before the projection heads) and reading/writing the heads themselves.
 
 The default influence scope is the pair of projection heads, so everything ECIF does runs on
-features taken *before* them: ``h_img`` (the ViT's pooled, layer-normed output) and ``h_txt`` (the
-text transformer's pooled output). With ``W_image = visual.proj`` and ``W_text = text_projection``
+features taken *before* them: ``h_img`` (e.g. the ViT's pooled, layer-normed output) and ``h_txt``
+(the text transformer's pooled output). With ``W_image = visual.proj`` and ``W_text = text_projection``
 the model's embeddings are exactly ``normalize(h_img @ W_image)`` and ``normalize(h_txt @ W_text)``.
+Other towers (:mod:`ecif.models.towers`) have a bias, folded into ``W`` with a constant-1 feature
+column, or a fixed offset (a residual) cached after the features: see :class:`Heads`.
 
 With ``blocks = k > 0`` (the wider influence scope of :mod:`ecif.objective.blocks`) the features
 are instead each row's input to the last ``k`` transformer blocks, every token, with a pooling-weight
@@ -34,7 +36,8 @@ from PIL import Image
 from ecif.data.images import image_signature, open_image
 from ecif.data.manifest import SHARD_COLUMN
 from ecif.models.open_clip_models import LoadedModel, Preprocess
-from ecif.models.towers import projection_slots
+from ecif.models.towers import projection_heads
+from ecif.objective.contrastive import HeadsScope
 from ecif.paths import cache_dir, text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_bytes
@@ -65,15 +68,27 @@ class Features:
 
 
 class Heads(NamedTuple):
-    """The projection heads, float64, oriented so that embedding = normalize(h @ W).
+    """The projection heads, float64, oriented so that embedding = normalize(h @ W (+ r, see below)).
 
-    ``image``: [d_img, e]; ``text``: [d_txt, e]; ``log_logit_scale``: log of the softmax temperature
-    multiplier (similarities are ``exp(log_logit_scale) * cosine``).
+    ``image``: [d_img, e]; ``text``: [d_txt, e] (a bias is the last row, and ``d`` counts the
+    constant-1 feature column it multiplies); ``log_logit_scale``: log of the softmax temperature
+    multiplier (similarities are ``exp(log_logit_scale) * cosine``). ``image_offset``/``text_offset``:
+    the features carry a fixed offset ``r [e]`` after their ``d`` columns, and embedding =
+    normalize(h @ W + r) (SigLIP's image head, see :mod:`ecif.models.towers`).
     """
 
     image: np.ndarray
     text: np.ndarray
     log_logit_scale: float
+    image_offset: bool = False
+    text_offset: bool = False
+
+    def scope(self, learn_logit_scale: bool = False) -> HeadsScope:
+        """The :class:`HeadsScope` of these heads (their ``θ`` is ``scope.join(image, text, ℓ)``)."""
+        return HeadsScope(
+            self.image.shape[0], self.text.shape[0], self.image.shape[1], self.log_logit_scale, learn_logit_scale,
+            image_offset=self.image_offset, text_offset=self.text_offset,
+        )
 
 
 @dataclass
@@ -91,11 +106,13 @@ class PromptFeatures:
 
 def get_heads(model: torch.nn.Module) -> Heads:
     """The model's image and text projections and log logit scale, as float64 numpy copies."""
-    (image_owner, image_attr), (text_owner, text_attr) = projection_slots(model)
+    image, text = projection_heads(model)
     return Heads(
-        image=getattr(image_owner, image_attr).detach().cpu().double().numpy().copy(),
-        text=getattr(text_owner, text_attr).detach().cpu().double().numpy().copy(),
+        image=image.matrix().numpy(),
+        text=text.matrix().numpy(),
         log_logit_scale=float(model.logit_scale.detach().cpu().reshape(-1)[0]),
+        image_offset=image.offset,
+        text_offset=text.offset,
     )
 
 
@@ -105,15 +122,11 @@ def set_heads(
     W_text: np.ndarray | torch.Tensor,
     log_logit_scale: float,
 ) -> None:
-    """Overwrite the model's projections ([d_img, e], [d_txt, e]) and log logit scale in place."""
-    (image_owner, image_attr), (text_owner, text_attr) = projection_slots(model)
+    """Overwrite the model's projections ([d_img, e], [d_txt, e], as :func:`get_heads` reads them)
+    and log logit scale in place."""
+    for head, value in zip(projection_heads(model), (W_image, W_text)):
+        head.write(value)
     with torch.no_grad():
-        for owner, attr, value in ((image_owner, image_attr, W_image), (text_owner, text_attr, W_text)):
-            target = getattr(owner, attr)
-            value = torch.as_tensor(value)
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{attr} must have shape {tuple(target.shape)}, got {tuple(value.shape)}")
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
         model.logit_scale.fill_(float(log_logit_scale))
 
 
@@ -359,22 +372,16 @@ def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
 
 @contextmanager
 def _backbone_only(model: torch.nn.Module) -> Iterator[None]:
-    """Temporarily remove both projections, so the encoders return pre-projection features.
+    """Temporarily make both encoders return their head's features instead of embeddings.
 
-    open_clip applies the projection only when it is not None; detaching it is exact and works for
-    every supported architecture. Not thread-safe: do not use the model elsewhere meanwhile.
+    E.g. open_clip applies a ViT's projection only when it is not None, so detaching it is exact;
+    each tower family has its own exact way (:meth:`ecif.models.towers.ProjectionHead.features_only`).
+    Not thread-safe: do not use the model elsewhere meanwhile.
     """
-    slots = projection_slots(model)
-    saved = [getattr(owner, attr) for owner, attr in slots]
-    for owner, attr in slots:
-        setattr(owner, attr, None)
-    try:
+    image, text = projection_heads(model)
+    with image.features_only(), text.features_only():
         yield
-    finally:
-        for (owner, attr), parameter in zip(slots, saved):
-            setattr(owner, attr, parameter)
 
 
 def _text_width(model: torch.nn.Module) -> int:
-    (_, _), (text_owner, attr) = projection_slots(model)
-    return int(getattr(text_owner, attr).shape[0])
+    return projection_heads(model)[1].feature_dim

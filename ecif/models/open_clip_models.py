@@ -2,7 +2,8 @@
 
 Nothing here touches the network: a pretrained tag is only used when its weights are already in
 the local Hugging Face or open_clip cache, and checkpoint files are read as safetensors or with
-``torch.load(weights_only=True)``, so a checkpoint can never run code.
+``torch.load(weights_only=True)``, so a checkpoint can never run code.  A tokenizer that open_clip
+would fetch from the Hugging Face hub comes from a local folder or the local cache (:func:`load_tokenizer`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import safetensors
 import safetensors.torch
 import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
@@ -52,8 +54,8 @@ class LoadedModel:
 
     ``model_hash`` identifies the weights: the SHA-256 of the checkpoint file, or a hash of
     ``name`` and ``pretrained`` (or of ``name`` and the random-initialisation seed, so two
-    untrained loads with one seed are the same model and share caches). Caches of
-    features computed with this model are keyed by it.
+    untrained loads with one seed are the same model and share caches), and the ``tokenizer``
+    folder's files when one was given. Caches of features computed with this model are keyed by it.
     """
 
     model: torch.nn.Module
@@ -75,22 +77,26 @@ def load_model(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Build open_clip architecture ``name`` (any of ``open_clip.list_models()``, or "ecif-demo").
 
     Weights come from ``checkpoint`` (a ``.safetensors`` file, or a torch file holding a state dict
     or ``{"state_dict": ...}``), from ``pretrained`` (an open_clip tag such as "laion2b_s34b_b79k",
     only if already cached locally), or, when neither is given, from a seeded random
-    initialisation with ``seed``. The model is returned in eval mode on ``device``.
+    initialisation with ``seed``. The model is returned in eval mode on ``device``. ``tokenizer``:
+    a local tokenizer folder for an architecture whose tokenizer comes from the Hugging Face hub
+    (:func:`load_tokenizer`).
 
-    Raises :class:`ModelLoadError` for an unknown name, a tag that is not cached, or a checkpoint
-    that is unreadable or does not fit the architecture.
+    Raises :class:`ModelLoadError` for an unknown name, a tag that is not cached, a checkpoint
+    that is unreadable or does not fit the architecture, or a tokenizer that is not available offline.
     """
     if checkpoint is not None and pretrained is not None:
         raise ModelLoadError("give either a checkpoint file or a pretrained tag, not both")
     if name not in open_clip.list_models():
         raise ModelLoadError(_unknown_model_message(name))
-    model_hash = weights_hash(name, checkpoint, pretrained, seed)
+    model_hash = weights_hash(name, checkpoint, pretrained, seed, tokenizer)
+    text_tokenizer = load_tokenizer(name, tokenizer)  # before the model: refusing it costs nothing
 
     preprocess_overrides: dict[str, object] = {}
     quick_gelu = False
@@ -124,16 +130,12 @@ def load_model(
         load_weights(model, read_state_dict(weights_file), weights_file)
     model.to(device).eval()
 
-    try:
-        tokenizer = open_clip.get_tokenizer(name)
-    except Exception as error:  # hf tokenizers download their vocabulary; we are offline
-        raise ModelLoadError(f"the tokenizer of {name!r} is not available offline: {error}") from error
     # open_clip's evaluation transform (resize, centre crop, normalise), as create_model_and_transforms builds it.
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     return LoadedModel(
         model=model,
         preprocess=preprocess,
-        tokenizer=tokenizer,
+        tokenizer=text_tokenizer,
         name=name,
         checkpoint=weights_file if checkpoint is not None else None,
         pretrained=pretrained,
@@ -168,16 +170,74 @@ def checkpoint_file(checkpoint: str | os.PathLike[str]) -> Path:
 
 
 def weights_hash(
-    name: str, checkpoint: str | os.PathLike[str] | None = None, pretrained: str | None = None, seed: int = 0
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: str | None = None,
+    seed: int = 0,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> str:
     """The :attr:`LoadedModel.model_hash` that :func:`load_model` gives these arguments, without
-    building the model: the checkpoint file's SHA-256, else a hash of the name and the tag (or seed).
-    Raises :class:`ModelLoadError` if the checkpoint file does not exist."""
+    building the model: the checkpoint file's SHA-256, else a hash of the name and the tag (or seed);
+    with a ``tokenizer`` folder, a hash of that and of the folder's files (its tokens change the text
+    features). Raises :class:`ModelLoadError` if the checkpoint file does not exist."""
     if checkpoint is not None:
-        return file_sha256(checkpoint_file(checkpoint))
-    if pretrained is not None:
-        return text_sha256(name, pretrained)
-    return text_sha256(name, f"random-init-seed-{seed}")
+        weights = file_sha256(checkpoint_file(checkpoint))
+    elif pretrained is not None:
+        weights = text_sha256(name, pretrained)
+    else:
+        weights = text_sha256(name, f"random-init-seed-{seed}")
+    if tokenizer is None:
+        return weights
+    folder = tokenizer_folder(tokenizer)
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    return text_sha256(weights, *(f"{path.relative_to(folder)}\x1e{file_sha256(path)}" for path in files))
+
+
+def load_tokenizer(name: str, tokenizer: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The tokenizer of open_clip architecture ``name``, offline.
+
+    Most architectures bundle their vocabulary (open_clip's BPE) and take no ``tokenizer``. Those
+    whose config names a Hugging Face tokenizer (``hf_tokenizer_name``: SigLIP, the Hugging Face text
+    towers, CLIPA) read it from ``tokenizer``, a local folder with its files (as
+    ``save_pretrained`` writes them), or else from the local Hugging Face cache, never the network.
+    Raises :class:`ModelLoadError` saying what to pass when neither has it.
+    """
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    hub_name = text_cfg.get("hf_tokenizer_name")
+    if not hub_name:
+        if tokenizer is not None:
+            raise ModelLoadError(
+                f"{name!r} has its tokenizer built in (open_clip's); a tokenizer folder is only for models "
+                "whose tokenizer comes from the Hugging Face hub (hf_tokenizer_name in their config)"
+            )
+        return open_clip.get_tokenizer(name)
+    source = str(tokenizer_folder(tokenizer)) if tokenizer is not None else hub_name
+    try:
+        # As open_clip.get_tokenizer builds it from the config, from `source` and without the network.
+        return HFTokenizer(
+            source,
+            context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
+            tokenizer_mode=text_cfg.get("tokenizer_mode"),
+            local_files_only=True,
+            **text_cfg.get("tokenizer_kwargs", {}),
+        )
+    except Exception as error:
+        where = f"the folder {source}" if tokenizer is not None else "the local Hugging Face cache"
+        raise ModelLoadError(
+            f"the tokenizer of {name!r} comes from the Hugging Face hub ({hub_name!r}) and {where} does not "
+            "hold it; this machine is offline: pass a local tokenizer folder (command line --tokenizer PATH, "
+            "RunConfig.tokenizer), e.g. one written elsewhere by transformers' "
+            f"AutoTokenizer.from_pretrained({hub_name!r}).save_pretrained(PATH), or put it in the local Hugging "
+            f"Face cache ({type(error).__name__}: {error})"
+        ) from error
+
+
+def tokenizer_folder(tokenizer: str | os.PathLike[str]) -> Path:
+    """The tokenizer folder's absolute path; :class:`ModelLoadError` if no such folder exists."""
+    path = Path(tokenizer).expanduser().resolve()
+    if not path.is_dir():
+        raise ModelLoadError(f"tokenizer folder {path} does not exist")
+    return path
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ import torch
 from ecif.data import ZeroShotClasses
 from ecif.models.features import Features, Heads, PromptFeatures, compute_features, encode_prompts, get_heads
 from ecif.models.open_clip_models import LoadedModel
-from ecif.objective.contrastive import HeadsScope
 from ecif.objective.measurements import ZeroShotPrompts, zero_shot_logits
 
 
@@ -23,7 +22,7 @@ def zero_shot_probabilities(image_features: np.ndarray, prompts: PromptFeatures,
     The logits are the influence engine's own (:func:`ecif.objective.measurements.zero_shot_logits`),
     so the demo's accuracy, the mispredictions and trace-back all use one definition.
     """
-    scope = HeadsScope(heads.image.shape[0], heads.text.shape[0], heads.image.shape[1], heads.log_logit_scale)
+    scope = heads.scope()
     theta = scope.join(torch.as_tensor(heads.image), torch.as_tensor(heads.text))
     classes = ZeroShotPrompts.from_arrays(prompts.features, prompts.class_index, prompts.names)
     image = torch.as_tensor(np.asarray(image_features), dtype=torch.float64)

@@ -22,12 +22,15 @@ forward-mode products work; CPU ``scaled_dot_product_attention`` has no forward-
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional
+
+from ecif.config import Loss
+from ecif.objective.logits import learnt_logit_count, logit_parameters, logit_tail, without_default_settings
 
 Activation = Literal["gelu", "quick_gelu"]
 
@@ -86,13 +89,15 @@ class BlocksScope:
     embed_dim: int
     log_logit_scale: float = math.log(100.0)
     learn_logit_scale: bool = False
+    loss: Loss = "clip"
+    logit_bias: float = 0.0
 
     kind: ClassVar[str] = "blocks"
 
     @property
     def size(self) -> int:
-        """Number of trainable parameters ``P``."""
-        return self._tower_size(self.image) + self._tower_size(self.text) + int(self.learn_logit_scale)
+        """Number of trainable parameters ``P`` (the learnt logit parameters last, :func:`logit_parameters`)."""
+        return self._tower_size(self.image) + self._tower_size(self.text) + learnt_logit_count(self)
 
     def _tower_size(self, tower: TowerShape) -> int:
         return sum(math.prod(shape) for _, shape in tower.parameter_shapes(self.embed_dim))
@@ -108,14 +113,13 @@ class BlocksScope:
             offset += count
         return parameters
 
-    def join(self, image: dict[str, Tensor], text: dict[str, Tensor], log_scale: float | None = None) -> Tensor:
-        """Inverse of :meth:`tower_parameters` for both towers (the scale only when it is learnt)."""
+    def join(
+        self, image: dict[str, Tensor], text: dict[str, Tensor], log_scale: float | None = None, logit_bias: float | None = None
+    ) -> Tensor:
+        """Inverse of :meth:`tower_parameters` for both towers (the scale and bias only when learnt)."""
         parts = [image[name].reshape(-1) for name, _ in self.image.parameter_shapes(self.embed_dim)]
         parts += [text[name].reshape(-1) for name, _ in self.text.parameter_shapes(self.embed_dim)]
-        if self.learn_logit_scale:
-            value = self.log_logit_scale if log_scale is None else log_scale
-            parts.append(torch.as_tensor(value, dtype=parts[0].dtype).reshape(1))
-        return torch.cat(parts)
+        return torch.cat(parts + logit_tail(self, parts[0], log_scale, logit_bias))
 
     def project_image(self, theta: Tensor, image: Tensor) -> Tensor:
         """Unnormalised image embeddings ``[..., e]`` of block inputs ``[..., T, w + 1]``."""
@@ -126,13 +130,17 @@ class BlocksScope:
         return tower_forward(self.text, self.tower_parameters(theta, "text"), text)
 
     def log_scale(self, theta: Tensor) -> Tensor:
-        return theta[-1] if self.learn_logit_scale else theta.new_tensor(self.log_logit_scale)
+        return logit_parameters(self, theta)[0]
+
+    def bias(self, theta: Tensor) -> Tensor | None:
+        """The logit bias ``b`` (None for the softmax loss, which has none)."""
+        return logit_parameters(self, theta)[1]
 
     def with_logit_scale(self, log_scale: float) -> BlocksScope:
-        return BlocksScope(self.image, self.text, self.embed_dim, float(log_scale), self.learn_logit_scale)
+        return replace(self, log_logit_scale=float(log_scale))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+        return without_default_settings({"kind": self.kind, **asdict(self)})
 
     @classmethod
     def from_dict(cls, settings: dict) -> BlocksScope:
@@ -142,6 +150,8 @@ class BlocksScope:
             embed_dim=int(settings["embed_dim"]),
             log_logit_scale=float(settings["log_logit_scale"]),
             learn_logit_scale=bool(settings["learn_logit_scale"]),
+            loss=settings.get("loss", "clip"),
+            logit_bias=float(settings.get("logit_bias", 0.0)),
         )
 
 

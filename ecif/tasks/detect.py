@@ -51,7 +51,8 @@ def misalignment(clip_score: np.ndarray, self_influence_first_order: np.ndarray)
     has absorbed swapped attributes leaves self-influence almost blind to them).  Each view is weighted
     by :func:`outlier_weight`, the fraction of pairs it puts beyond 2σ, so the view that singles out a
     group counts for more.  Over the 28 settings of bench/detect_sweep.py this stays within 0.01 AP
-    of the sharper single column everywhere (an equal-weight sum missed in two, by 0.045 and 0.028).
+    of the sharper single column everywhere, including runs made after it was chosen (an equal-weight
+    sum missed in two settings, by up to 0.046 on a single run).
     Self-influence spans orders of magnitude, so it enters by its logarithm: standardised raw, its
     few largest values outweigh the CLIP-score where that is the sharper view.  Nothing is fitted to
     labels: the z-scores and weights use the run's own pairs.

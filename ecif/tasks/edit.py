@@ -78,7 +78,7 @@ def _metrics(engine: Engine, theta: Tensor) -> EditMetrics:
         labels = np.asarray([lookup.get(str(value), -1) for value in engine.manifest.iloc[rows]["label"]])
         keep = labels >= 0
         accuracies.append(
-            zero_shot_accuracy(engine.scope, theta, engine.image_tensor(rows[keep]), torch.as_tensor(labels[keep]), engine.prompts)
+            zero_shot_accuracy(engine.scope, theta, engine.image_tensor(rows[keep]), torch.as_tensor(labels[keep], device=engine.device), engine.prompts)
         )
     return EditMetrics(loss, retrieval_accuracy(engine.scope, theta, trusted), accuracies[0], accuracies[1])
 

@@ -3,6 +3,8 @@
 Trace-back and edits need the same objects the scoring stage built.  :func:`load_engine` rebuilds
 them from the run folder (features, heads, settings) once per process and keeps them, so that a
 second query in the app or the command line costs one solve and one forward pass, not a rebuild.
+The maths tensors (θ, the problem's features, the solver's factors) live on the engine's ``device``;
+the features read from disk stay NumPy arrays on the CPU and are moved there as the problem is built.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ecif.config import CurvatureConfig, FinetuneConfig, RunConfig
+from ecif.config import AUTO_DEVICE, CurvatureConfig, FinetuneConfig, RunConfig
 from ecif.curvature.solvers import CurvatureSolver, build_solver, load_solver, save_solver
+from ecif.devices import resolve_device
 from ecif.finetune import split_trusted_rows
 from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, Scope, scope_from_dict
 from ecif.objective.measurements import ZeroShotPrompts, validation_loss
@@ -84,6 +87,8 @@ class Engine:
     curvature: CurvatureConfig
     delta: float
     """The penalty ``δ`` of ``R`` at ``θ̂`` (the chosen one when the settings say ``"auto"``)."""
+    device: torch.device
+    """Where ``theta``, the problem, the trusted data and the solver live."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
     """Results that depend only on this engine's θ̂ and data (trace-back's per-item influence, step norms)."""
@@ -94,7 +99,7 @@ class Engine:
     @cached_property
     def problem(self) -> ContrastiveProblem:
         data = ContrastiveData.from_arrays(
-            self.image[self.train_rows], self.text[self.train_rows], self.finetune.batch_size, self.finetune.batch_seed
+            self.image[self.train_rows], self.text[self.train_rows], self.finetune.batch_size, self.finetune.batch_seed, self.device
         )
         return ContrastiveProblem(self.scope, data, self.theta0, self.delta)
 
@@ -105,6 +110,7 @@ class Engine:
             self.text[self.trusted_rows],
             self.finetune.batch_size,
             self.finetune.batch_seed,
+            self.device,
         )
 
     def trusted_loss(self):
@@ -143,7 +149,8 @@ class Engine:
         return np.asarray([lookup[int(row)] for row in rows], dtype=np.int64)
 
     def image_tensor(self, rows: np.ndarray) -> Tensor:
-        return torch.as_tensor(self.image[rows], dtype=torch.float64)
+        """Float64 image features of manifest ``rows`` on the engine's device."""
+        return torch.as_tensor(self.image[rows], dtype=torch.float64, device=self.device)
 
 
 def _run_delta(run: Run, heads_path: Path, finetune: FinetuneConfig) -> float:
@@ -159,16 +166,24 @@ _ENGINES: dict[tuple[str, float], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def load_engine(run: Run | str | Path) -> Engine:
-    """The engine of a run whose fine-tuning stage has finished (cached per process)."""
+def load_engine(run: Run | str | Path, device: str | torch.device | None = None) -> Engine:
+    """The engine of a run whose fine-tuning stage has finished (cached per process).
+
+    ``device``: a setting of :func:`ecif.devices.resolve_device` (``auto``, ``cpu``, ``cuda[:N]``).
+    None keeps the engine this process already holds for the run, on whichever device it was built
+    (so trace-back after ``run_pipeline(..., device="cpu")`` stays on the CPU), and otherwise means ``auto``.
+    """
     run = run if isinstance(run, Run) else Run(run)
     heads_path = run.path(HEADS_FILE)
     if not heads_path.exists():
         raise FileNotFoundError(f"{run.directory} has no fine-tuned heads yet; run `ecif score` first")
     key = (str(run.directory), heads_path.stat().st_mtime)
+    wanted = None if device is None else resolve_device(device)
     with _ENGINES_LOCK:
-        if key in _ENGINES:
-            return _ENGINES[key]
+        cached = _ENGINES.get(key)
+        if cached is not None and wanted in (None, cached.device):
+            return cached
+    device = wanted or resolve_device(AUTO_DEVICE)
     info = run.info
     scope, theta, theta0 = load_heads(heads_path)
     manifest = run.manifest()
@@ -177,13 +192,13 @@ def load_engine(run: Run | str | Path) -> Engine:
     prompts = None
     if run.has(PROMPTS_FILE):
         with np.load(run.path(PROMPTS_FILE), allow_pickle=False) as stored:
-            prompts = ZeroShotPrompts.from_arrays(stored["features"], stored["class_index"], stored["names"].tolist())
+            prompts = ZeroShotPrompts.from_arrays(stored["features"], stored["class_index"], stored["names"].tolist(), device)
     config = RunConfig.from_settings(run.directory, info.get("settings", {}))
     engine = Engine(
         run=run,
         scope=scope,
-        theta=theta,
-        theta0=theta0,
+        theta=theta.to(device),
+        theta0=theta0.to(device),
         manifest=manifest,
         image=image,
         text=text,
@@ -194,6 +209,7 @@ def load_engine(run: Run | str | Path) -> Engine:
         finetune=config.finetune,
         curvature=config.curvature,
         delta=_run_delta(run, heads_path, config.finetune),
+        device=device,
     )
     with _ENGINES_LOCK:
         _ENGINES.clear()  # one run at a time per process: the dense solver can be large

@@ -39,12 +39,13 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 
+from ecif.config import AUTO_DEVICE
 from ecif.data.manifest import (
     BAD_ROWS_COLUMNS,
     CANONICAL_COLUMNS,
@@ -54,10 +55,11 @@ from ecif.data.manifest import (
     iter_manifest_chunks,
     load_manifest,
 )
+from ecif.devices import resolve_device
 from ecif.influence.streaming import STORE_FILE, Executor, FeatureStore, FeatureStoreWriter, LocalExecutor
-from ecif.models.configs import DEMO_MODEL_NAME
 from ecif.models.features import FEATURES_STAGE, Features, drop_failed, iter_chunk_features, row_signatures
-from ecif.models.open_clip_models import LoadedModel, load_model, require_weights, weights_hash
+from ecif.models.open_clip_models import LoadedModel, load_model, load_tokenizer, require_weights, weights_hash
+from ecif.models.towers import refuse_unsupported_config
 from ecif.paths import text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import atomic_write_json, atomic_write_parquet, read_json
@@ -71,11 +73,17 @@ _LAYOUT_VERSION = "1"  # part of the resume fingerprint: bump when the files wri
 
 @dataclass(frozen=True)
 class ModelSource:
-    """The weights to encode with, as :func:`ecif.models.load_model` arguments (what Ray tasks receive)."""
+    """The weights to encode with, as :func:`ecif.models.load_model` arguments (what Ray tasks receive).
+
+    ``device`` is resolved by the process that encodes (:func:`ecif.devices.resolve_device`), so
+    ``auto`` takes each Ray worker's own GPU; it is not part of the store's fingerprint.
+    """
 
     name: str
     checkpoint: str | None = None
     pretrained: str | None = None
+    device: str = AUTO_DEVICE
+    tokenizer: str | None = None
 
 
 def model_source(
@@ -84,21 +92,25 @@ def model_source(
     pretrained: str | None,
     manifest: str | os.PathLike[str],
     reporter: Reporter | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> ModelSource:
     """``model`` "demo" is the ecif-demo architecture: with ``checkpoint`` its weights, else the demo
     model trained (and cached) on the manifest's train split, as ``ecif score`` trains it.  Any other
-    name is an open_clip architecture with its ``checkpoint`` or ``pretrained`` tag."""
+    name is an open_clip architecture with its ``checkpoint`` or ``pretrained`` tag (and ``tokenizer``
+    folder, see :func:`ecif.models.open_clip_models.load_tokenizer`)."""
     if model != "demo":
         require_weights(model, checkpoint, pretrained)
-        return ModelSource(model, _absolute(checkpoint), pretrained)
+        refuse_unsupported_config(model)
+        load_tokenizer(model, tokenizer)  # refuses a tokenizer that is not available offline
+        return ModelSource(model, _absolute(checkpoint), pretrained, tokenizer=_absolute(tokenizer))
     if pretrained is not None:
         raise ValueError("the demo model has no pretrained tags; pass its --checkpoint, or nothing to train it")
-    if checkpoint is None:
-        from ecif.models.demo import train_demo_model
+    from ecif.models.demo import demo_architecture, train_demo_model
 
+    if checkpoint is None:
         # The demo model needs the whole train split in memory anyway, so the manifest is loaded whole.
         checkpoint = train_demo_model(load_manifest(manifest, reporter=reporter), reporter=reporter)
-    return ModelSource(DEMO_MODEL_NAME, _absolute(checkpoint))
+    return ModelSource(demo_architecture(checkpoint), _absolute(checkpoint))
 
 
 def _absolute(path: str | os.PathLike[str] | None) -> str | None:
@@ -109,7 +121,8 @@ def _absolute(path: str | os.PathLike[str] | None) -> str | None:
 @lru_cache(maxsize=1)
 def _loaded(source: ModelSource) -> LoadedModel:
     """One model per process: a Ray worker loads it for its first chunk and reuses it for the next ones."""
-    return load_model(source.name, checkpoint=source.checkpoint, pretrained=source.pretrained)
+    return load_model(source.name, checkpoint=source.checkpoint, pretrained=source.pretrained, device=resolve_device(source.device),
+                      tokenizer=source.tokenizer)
 
 
 def encode_chunk(frame: pd.DataFrame, source: ModelSource, batch_size: int) -> Features | None:
@@ -143,6 +156,8 @@ def extract_feature_store(
     batch_size: int = 64,
     executor: Executor | None = None,
     reporter: Reporter | None = None,
+    device: str = AUTO_DEVICE,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> FeatureStore:
     """Encode every usable pair of ``manifest`` (of ``splits``; default all) into a feature store at ``out_dir``.
 
@@ -150,10 +165,11 @@ def extract_feature_store(
     the model's pre-projection backbone features (as :func:`ecif.models.compute_features` gives,
     unnormalised), with ``rows-0000k.parquet`` naming its pairs; rows left out (bad rows of the
     manifest, undecodable images) are listed with the reason in ``left-out-*.parquet``
-    (:func:`read_left_out`).  ``model``/``checkpoint``/``pretrained``: see :func:`model_source`.
+    (:func:`read_left_out`).  ``model``/``checkpoint``/``pretrained``/``tokenizer``: see :func:`model_source`.
     At most ``rows_per_chunk`` manifest rows are read at a time; images are encoded ``batch_size``
     at a time.  ``executor``: where chunks are encoded (default this process; a ``RayExecutor``
-    makes each chunk a Ray task).  Progress: pairs done under the stage "features" after each chunk
+    makes each chunk a Ray task).  ``device``: where each process encodes (``auto``, ``cpu``,
+    ``cuda[:N]``); encoding here refuses one this machine lacks before any work.  Progress: pairs done under the stage "features" after each chunk
     (also where a cancellation stops the job, with that chunk kept).
 
     Resumes what an interrupted call with the same arguments left in ``out_dir``; raises ValueError
@@ -161,15 +177,17 @@ def extract_feature_store(
     """
     reporter = as_reporter(reporter)
     executor = executor or LocalExecutor()
+    if isinstance(executor, LocalExecutor):
+        resolve_device(device)  # a Ray worker resolves it on its own machine
     wanted = _canonical_splits(splits)
-    source = model_source(model, checkpoint, pretrained, manifest, reporter)
+    source = replace(model_source(model, checkpoint, pretrained, manifest, reporter, tokenizer), device=device)
     out_dir = Path(out_dir)
     settings = {
         "manifest": str(Path(manifest).expanduser().resolve()),
         "model": source.name,
         "checkpoint": source.checkpoint,
         "pretrained": source.pretrained,
-        "model_hash": weights_hash(source.name, source.checkpoint, source.pretrained),
+        "model_hash": weights_hash(source.name, source.checkpoint, source.pretrained, tokenizer=source.tokenizer),
         "splits": wanted,
         "rows_per_chunk": rows_per_chunk,
     }

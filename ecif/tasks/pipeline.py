@@ -5,6 +5,10 @@ Stages (names as reported to the progress callback): data → demo model → fea
 curvature → scores → mispredictions → index → thumbnails.  A stage that finished is recorded in
 ``run.json`` and skipped next time, so a cancelled or killed job resumes where it stopped; only
 a scores table that lacks a column of this version is recomputed (seconds).
+
+The work runs on ``RunConfig.device`` (resolved once, before any stage); each stage that computes
+records the device it ran on, and ``run.json``'s ``device`` the latest call's.  The files written are
+the same in format on every device, so a run resumes on another one.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ecif.config import RunConfig
 from ecif.curvature.solvers import refuse_ekfac_beyond_heads
-from ecif.models.configs import DEMO_MODEL_NAME
+from ecif.models.configs import DEMO_MODEL_NAMES
 from ecif.paths import cache_dir, text_sha256
 from ecif.progress import Reporter, as_reporter
 from ecif.run import (
@@ -39,6 +43,11 @@ from ecif.run import (
     atomic_write_parquet,
 )
 
+if TYPE_CHECKING:
+    import torch
+
+    from ecif.tasks.engine import Engine
+
 
 class RunSettingsMismatch(ValueError):
     """The run folder already holds a run made with other settings."""
@@ -50,8 +59,9 @@ def default_demo_run_dir() -> Path:
     return cache_dir() / "runs" / "demo"
 
 
-def _stage(run: Run, name: str, reporter: Reporter, work: Callable[[], dict | None]) -> None:
-    """Run ``work`` unless ``run.json`` says the stage finished; record its summary when it does."""
+def _stage(run: Run, name: str, reporter: Reporter, work: Callable[[], dict | None], device: str | None = None) -> None:
+    """Run ``work`` unless ``run.json`` says the stage finished; record its summary (and the
+    ``device`` it ran on, for a stage that computes on one) when it does."""
     stages = run.info.get("stages", {})
     if stages.get(name, {}).get("done"):
         reporter.report(name, 1, 1)
@@ -60,7 +70,7 @@ def _stage(run: Run, name: str, reporter: Reporter, work: Callable[[], dict | No
     reporter.report(name, 0, 0)
     summary = work() or {}
     stages = run.info.get("stages", {})
-    stages[name] = {"done": True, "seconds": round(time.perf_counter() - started, 3), **summary}
+    stages[name] = {"done": True, "seconds": round(time.perf_counter() - started, 3), **({"device": device} if device else {}), **summary}
     run.update_info(stages=stages)
     reporter.report(name, 1, 1)
 
@@ -115,25 +125,34 @@ def load_run_model(run: Run):
     from ecif.models.open_clip_models import load_model
 
     info = run.info
-    return load_model(info["model_name"], checkpoint=info.get("model_checkpoint"), pretrained=info["settings"].get("pretrained"))
+    settings = info["settings"]
+    return load_model(info["model_name"], checkpoint=info.get("model_checkpoint"), pretrained=settings.get("pretrained"),
+                      tokenizer=settings.get("tokenizer"))
 
 
 def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after: str | None = None) -> Run:
     """Fill ``config.run_dir`` with a scored run (resuming finished stages) and return it.
 
-    ``stop_after`` names a stage of :data:`STAGES` to stop after (e.g. "fine-tune").
+    ``stop_after`` names a stage of :data:`STAGES` to stop after (e.g. "fine-tune").  Raises
+    :class:`ecif.devices.DeviceUnavailable` before any work when ``config.device`` is not on this machine.
     """
+    from ecif.devices import resolve_device
+
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"unknown stage {stop_after!r}; stages are {', '.join(STAGES)}")
+    device = resolve_device(config.device)
     blocks, solver = config.finetune.blocks, config.curvature.solver
     if blocks < 0:
         raise ValueError(f"blocks must be 0 (the heads) or a positive number of transformer blocks, got {blocks}")
     # Refused before the fine-tuning, not after it (build_solver would refuse it then).
     refuse_ekfac_beyond_heads(solver, "blocks" if blocks else "heads")
     if config.model != "demo":
-        from ecif.models.open_clip_models import require_weights
+        from ecif.models.open_clip_models import load_tokenizer, require_weights
+        from ecif.models.towers import refuse_unsupported_config
 
         require_weights(config.model, config.checkpoint, config.pretrained)
+        refuse_unsupported_config(config.model, blocks)
+        load_tokenizer(config.model, config.tokenizer)  # refuses a tokenizer that is not available offline
 
     run = Run(config.run_dir)
     run.directory.mkdir(parents=True, exist_ok=True)
@@ -142,7 +161,7 @@ def run_pipeline(config: RunConfig, reporter: Reporter | None = None, stop_after
     with open(run.path(".pipeline.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _run_stages(config, run, as_reporter(reporter), stop_after)
+            return _run_stages(config, run, as_reporter(reporter), stop_after, device)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -155,6 +174,8 @@ class StageContext:
     config: RunConfig
     run: Run
     reporter: Reporter
+    device: torch.device
+    """Where the stages compute (``config.device`` resolved on this machine)."""
     _loaded: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self):
@@ -175,7 +196,7 @@ class StageContext:
     def model_location(self) -> tuple[str, Path | None]:
         """``(open_clip model name, checkpoint)``: the demo's trained checkpoint or the user's."""
         if self.config.model == "demo":
-            return DEMO_MODEL_NAME, Path(self.run.info["demo_checkpoint"])
+            return DEMO_MODEL_NAMES[self.config.finetune.demo_loss], Path(self.run.info["demo_checkpoint"])
         return self.config.model, self.config.checkpoint
 
     def model(self):
@@ -184,8 +205,16 @@ class StageContext:
 
         if "model" not in self._loaded:
             name, checkpoint = self.model_location()
-            self._loaded["model"] = load_model(name, checkpoint=checkpoint, pretrained=self.config.pretrained)
+            self._loaded["model"] = load_model(name, checkpoint=checkpoint, pretrained=self.config.pretrained, device=self.device,
+                                               tokenizer=self.config.tokenizer)
         return self._loaded["model"]
+
+    def engine(self) -> Engine:
+        """The run's engine on this call's device; later calls of ``load_engine(run)`` in this
+        process (scoring, trace-back) get the same one."""
+        from ecif.tasks.engine import load_engine
+
+        return load_engine(self.run, self.device)
 
     def keep_features(self, image: np.ndarray, text: np.ndarray) -> None:
         """The features the features stage just stored, so that later stages need not read them back."""
@@ -228,7 +257,7 @@ def demo_model_stage(context: StageContext) -> dict:
     if config.model != "demo":
         return {"skipped": True}
     # The model's seed follows the data's, so another demo seed is a wholly independent run.
-    training = DemoTrainConfig(seed=config.demo.seed)
+    training = DemoTrainConfig(seed=config.demo.seed, loss=config.finetune.demo_loss)
     checkpoint = train_demo_model(context.manifest(), training, reporter=context.reporter)
     context.run.update_info(demo_checkpoint=str(checkpoint))
     return {"checkpoint": str(checkpoint)}
@@ -272,11 +301,13 @@ def finetune_stage(context: StageContext) -> dict:
 
     config, run, reporter = context.config, context.run, context.reporter
     finetune = config.finetune
-    scope, theta0 = initial_scope(context.model().model, finetune.blocks, finetune.learn_logit_scale)
+    device = context.device
+    scope, theta0 = initial_scope(context.model().model, finetune.blocks, finetune.learn_logit_scale, finetune.loss)
+    theta0 = theta0.to(device)  # read from the model as float64 on the CPU
     image, text = context.features()
     manifest = run.manifest()
     rows = split_rows(manifest, "train")
-    data = ContrastiveData.from_arrays(image[rows], text[rows], finetune.batch_size, finetune.batch_seed)
+    data = ContrastiveData.from_arrays(image[rows], text[rows], finetune.batch_size, finetune.batch_seed, device)
     summary = {}
     if finetune.auto_delta:
         selection_rows, measured_rows = split_trusted_rows(split_rows(manifest, config.trusted_split), finetune)
@@ -285,7 +316,7 @@ def finetune_stage(context: StageContext) -> dict:
                 f"the trusted split {config.trusted_split!r} has too few pairs to hold some out for choosing δ; "
                 "give a number with --delta (e.g. --delta 1)"
             )
-        selection = ContrastiveData.from_arrays(image[selection_rows], text[selection_rows], finetune.batch_size, finetune.batch_seed)
+        selection = ContrastiveData.from_arrays(image[selection_rows], text[selection_rows], finetune.batch_size, finetune.batch_seed, device)
         chosen = select_delta(scope, theta0, data, selection, finetune, reporter)
         theta, report = chosen.theta, chosen.report
         summary["delta_selection"] = chosen.summary()
@@ -295,31 +326,29 @@ def finetune_stage(context: StageContext) -> dict:
     atomic_write_json(run.path(FINETUNE_FILE), report.to_dict())
     for warning in report.warnings:
         reporter.report(f"fine-tune warning: {warning}", 1, 1)
-    return {"delta": report.delta, "gradient_norm": report.gradient_norm, "converged": report.converged, **summary}
+    # The loss actually used: the settings may say "auto" (the model's own).
+    return {"delta": report.delta, "loss": scope.loss, "gradient_norm": report.gradient_norm, "converged": report.converged, **summary}
 
 
 def curvature_stage(context: StageContext) -> dict:
     """The curvature solver, built and stored in the run folder (``curvature.safetensors``)."""
-    from ecif.tasks.engine import load_engine
-
-    return load_engine(context.run).solver.describe()
+    return context.engine().solver.describe()
 
 
 def scores_stage(context: StageContext) -> dict:
     """Every training pair's scores → ``scores.parquet`` (and ``embeddings.npz``)."""
     from ecif.influence.columns import INFLUENCE_COLUMNS
     from ecif.influence.scores import gradient_of, renormalisation_step
-    from ecif.tasks.engine import load_engine
     from ecif.tasks.scoring import score_training_pairs, write_embeddings
 
     run = context.run
+    engine = context.engine()  # on this call's device, for the scoring below as well
     write_embeddings(run)
     scores = score_training_pairs(run, reporter=context.reporter)
     atomic_write_parquet(run.path(SCORES_FILE), scores)
     # What the scores leave out (docs/method.md §2): retraining on N−1 pairs renormalises 1/N to
     # 1/(N−1), a first-order change that shifts every single-pair prediction of the trusted loss
     # by this one constant (rankings unchanged).  One solve with the engine the scoring just used.
-    engine = load_engine(run)
     shift = float(gradient_of(engine.trusted_loss(), engine.theta) @ renormalisation_step(engine.problem, engine.theta, engine.solver, 1))
     median = float(np.median(np.abs(scores["influence"].to_numpy(dtype=float)))) if len(scores) else 0.0
     return {
@@ -335,6 +364,7 @@ def mispredictions_stage(context: StageContext) -> dict:
     from ecif.tasks.trace import predictions_table
 
     config = context.config
+    context.engine()  # on this call's device
     table = predictions_table(context.run, splits=[config.test_split, config.trusted_split])
     atomic_write_parquet(context.run.path(MISPREDICTIONS_FILE), table)
     return {"items": int(len(table)), "wrong": int((~table["correct"]).sum()) if len(table) else 0}
@@ -370,7 +400,13 @@ PIPELINE: tuple[tuple[str, Callable[[StageContext], dict]], ...] = (
 STAGES = tuple(name for name, _ in PIPELINE)
 
 
-def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str | None) -> Run:
+#: The stages that compute on the run's device (and record which one in run.json).
+DEVICE_STAGES = ("features", "fine-tune", "curvature", "scores", "mispredictions")
+
+
+def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str | None, device: torch.device) -> Run:
+    from ecif.devices import device_record
+
     settings = config.settings()
     previous = run.info.get("settings")
     if previous is not None and RunConfig.from_settings(run.directory, previous).settings() != settings:
@@ -381,9 +417,10 @@ def _run_stages(config: RunConfig, run: Run, reporter: Reporter, stop_after: str
     if previous is None:
         run.update_info(settings=settings, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ecif_version="0.1.0")
     _upgrade_earlier_run(run, stop_after)
-    context = StageContext(config, run, reporter)
+    run.update_info(device=device_record(config.device, device))
+    context = StageContext(config, run, reporter, device)
     for name, stage in PIPELINE:
-        _stage(run, name, reporter, lambda: stage(context))
+        _stage(run, name, reporter, lambda: stage(context), str(device) if name in DEVICE_STAGES else None)
         if name == stop_after:
             return run
     run.update_info(

@@ -71,8 +71,8 @@ def score_training_pairs(
     table["self_influence_first_order"] = self_influence(problem, theta, engine.solver, reporter, "first_order")
     reporter.report("scores", 3, 4)
     with torch.no_grad():
-        table["clip_score"] = clip_scores(engine.scope, theta, problem.data.image, problem.data.text).numpy()
-        table["loss"] = pair_losses(engine.scope, theta, problem.data).numpy()
+        table["clip_score"] = clip_scores(engine.scope, theta, problem.data.image, problem.data.text).cpu().numpy()
+        table["loss"] = pair_losses(engine.scope, theta, problem.data).cpu().numpy()
     table = with_misalignment(table)
     table["rank"] = table["influence"].rank(method="first").astype(int)
     table["suggested_action"] = suggested_actions(table)
@@ -96,10 +96,10 @@ def write_embeddings(run: Run | str) -> None:
             u, v, _ = embed(
                 engine.scope,
                 engine.theta,
-                torch.as_tensor(engine.image[rows], dtype=torch.float64),
-                torch.as_tensor(engine.text[rows], dtype=torch.float64),
+                engine.image_tensor(rows),
+                torch.as_tensor(engine.text[rows], dtype=torch.float64, device=engine.device),
             )
-            image.append(u.numpy().astype(np.float32))
-            text.append(v.numpy().astype(np.float32))
+            image.append(u.cpu().numpy().astype(np.float32))
+            text.append(v.cpu().numpy().astype(np.float32))
     path = engine.run.path(EMBEDDINGS_FILE)
     atomic_write_with(path, lambda temporary: np.savez(temporary, image=np.concatenate(image), text=np.concatenate(text)))

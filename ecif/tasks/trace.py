@@ -1,6 +1,7 @@
 """Misprediction trace-back (docs/method.md §7): which training pairs pushed the model to a wrong answer.
 
-For a test item the test function is the cross-entropy of its right answer.  An item with a true
+For a test item the test function is the loss of its right answer (the cross-entropy; with the
+sigmoid loss, SigLIP's terms of the item against every answer: ``answer_losses``).  An item with a true
 class is asked for it among the class prompts (zero-shot classification); an item without one (a
 manifest without labels, as web data usually is) is asked for its own caption among the distinct
 captions of its split (image-to-caption retrieval, the question CLIP answers).  A training pair's influence on it is the predicted change of that
@@ -32,6 +33,8 @@ from ecif.influence.scores import PairInfluence, euclidean_step_norms, gradient_
 from ecif.objective.measurements import (
     TestFunction,
     ZeroShotPrompts,
+    answer_log_probabilities,
+    answer_losses,
     class_embeddings,
     logits_against,
     zero_shot_loss,
@@ -91,7 +94,7 @@ def caption_candidates(engine: Engine, split: str) -> tuple[ZeroShotPrompts, dic
             position = np.empty_like(order)
             position[order] = np.arange(len(order))
             names = engine.manifest["caption"].iloc[rows[first[order]]].astype(str).tolist()
-            prompts = ZeroShotPrompts.from_arrays(engine.text[rows[first[order]]], np.arange(len(order)), names)
+            prompts = ZeroShotPrompts.from_arrays(engine.text[rows[first[order]]], np.arange(len(order)), names, engine.device)
             engine.cache[key] = (prompts, dict(zip(rows.tolist(), position[answer.ravel()].tolist())))
         return engine.cache[key]
 
@@ -154,11 +157,11 @@ def item_targets(engine: Engine, uids: list[str]) -> Items:
 
 
 def items_loss(engine: Engine, items: Items) -> TestFunction:
-    """``φ(θ)`` = the items' mean cross-entropy of their right answers (nats)."""
+    """``φ(θ)`` = the items' mean loss of their right answers (:func:`answer_losses`, nats)."""
     parts = [
         (len(positions) / len(items.rows),
          zero_shot_loss(engine.scope, engine.image_tensor(np.asarray(items.rows)[positions]),
-                        torch.as_tensor(np.asarray(items.answers)[positions]), candidate_prompts(engine, candidates)))
+                        torch.as_tensor(np.asarray(items.answers)[positions], device=engine.device), candidate_prompts(engine, candidates)))
         for candidates, positions in items.groups()
     ]
 
@@ -180,29 +183,33 @@ def answers_among(
     captions for retrieval), whose right answers are ``classes`` (indices into ``prompts``).
 
     ``prompts`` defaults to the run's class prompts.  Arrays ``[k]``: ``label`` and ``predicted``
-    (answer names: classes, or captions for retrieval), ``prob_true``, ``prob_predicted``, ``loss``
-    (cross-entropy in nats) and ``correct``.  Memory ``O(chunk · candidates)``, whatever ``k``.
+    (answer names: classes, or captions for retrieval), ``prob_true``, ``prob_predicted`` (softmax, or
+    each answer's own sigmoid with the sigmoid loss), ``loss`` (:func:`answer_losses`, nats) and
+    ``correct``.  Memory ``O(chunk · candidates)``, whatever ``k``.
     """
     prompts = engine.prompts if prompts is None else prompts
     rows, classes = np.asarray(rows), np.asarray(classes, dtype=np.int64)
     predicted = np.zeros(len(rows), dtype=np.int64)
-    log_true, log_predicted = np.zeros(len(rows)), np.zeros(len(rows))
+    log_true, log_predicted, losses = np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows))
     with torch.no_grad():
         answers = class_embeddings(engine.scope, theta, prompts)
         for start in range(0, len(rows), ANSWER_CHUNK):
             chunk = slice(start, start + ANSWER_CHUNK)
-            log_p = torch.log_softmax(logits_against(engine.scope, theta, engine.image_tensor(rows[chunk]), answers), dim=1)
+            logits = logits_against(engine.scope, theta, engine.image_tensor(rows[chunk]), answers)
+            log_p = answer_log_probabilities(engine.scope, logits)
             best = log_p.argmax(dim=1)
-            predicted[chunk] = best.numpy()
-            log_true[chunk] = log_p.gather(1, torch.as_tensor(classes[chunk])[:, None])[:, 0].numpy()
-            log_predicted[chunk] = log_p.gather(1, best[:, None])[:, 0].numpy()
+            truth = torch.as_tensor(classes[chunk], device=log_p.device)
+            predicted[chunk] = best.cpu().numpy()
+            log_true[chunk] = log_p.gather(1, truth[:, None])[:, 0].cpu().numpy()
+            losses[chunk] = answer_losses(engine.scope, logits, truth).cpu().numpy()
+            log_predicted[chunk] = log_p.gather(1, best[:, None])[:, 0].cpu().numpy()
     names = np.asarray(prompts.names, dtype=object)
     return {
         "label": names[classes],
         "predicted": names[predicted],
         "prob_true": np.exp(log_true),
         "prob_predicted": np.exp(log_predicted),
-        "loss": -log_true,
+        "loss": losses,
         "correct": predicted == classes,
     }
 

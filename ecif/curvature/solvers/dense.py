@@ -19,7 +19,7 @@ class DenseSolver(CurvatureSolver):
         size = matrix.shape[0]
         self.kind = kind
         self.damping = damping
-        self.matrix = matrix + damping * torch.eye(size, dtype=matrix.dtype)
+        self.matrix = matrix + damping * torch.eye(size, dtype=matrix.dtype, device=matrix.device)
         factor, info = torch.linalg.cholesky_ex(self.matrix)
         if int(info) != 0:
             smallest = float(torch.linalg.eigvalsh(self.matrix)[0]) if size <= 4096 else float("nan")
@@ -58,7 +58,8 @@ class DenseSolver(CurvatureSolver):
         Cholesky factor (cheap; an upper bound, close when the smallest eigenvalue is isolated)."""
         if self.matrix.shape[0] <= 4096:
             return float(torch.linalg.eigvalsh(self.matrix)[0])
-        vector = torch.randn(self.matrix.shape[0], dtype=self.matrix.dtype, generator=torch.Generator().manual_seed(0))
+        # Drawn on the CPU: the same start, hence the same estimate, on every device.
+        vector = torch.randn(self.matrix.shape[0], dtype=self.matrix.dtype, generator=torch.Generator().manual_seed(0)).to(self.matrix.device)
         for _ in range(iterations):
             vector = self.solve(vector)
             vector = vector / vector.norm()

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ecif.curvature.solvers.base import CurvatureSolver
 from ecif.objective.contrastive import ContrastiveData, ContrastiveProblem, HeadsScope, embed
+from ecif.objective.logits import learnt_logit_count
 from ecif.progress import Reporter, as_reporter
 
 
@@ -19,9 +20,10 @@ from ecif.progress import Reporter, as_reporter
 class _EmbeddingCurvature:
     """Per-pair Gauss–Newton blocks ``M_kk [e, e]`` of one modality's pre-normalisation embeddings.
 
-    For image ``k``: ``M_kk = c² J_k (Σ_j w_kj v_j v_jᵀ − m_k m_kᵀ) J_k`` with ``w_kj = p_kj +
-    q_kj(1 − q_kj)`` from its row softmax ``p_k`` and its entries ``q_k`` in every column softmax,
-    ``m_k = Σ_j p_kj v_j``, and ``J_k = (I − u_k u_kᵀ)/‖z_k‖`` the Jacobian of ``normalize``.
+    For image ``k``: ``M_kk = c² J_k (Σ_j w_kj v_j v_jᵀ − m_k m_kᵀ) J_k`` with ``J_k = (I − u_k u_kᵀ)/‖z_k‖``
+    the Jacobian of ``normalize`` and, for the softmax loss, ``w_kj = p_kj + q_kj(1 − q_kj)`` from its
+    row softmax ``p_k`` and its entries ``q_k`` in every column softmax, ``m_k = Σ_j p_kj v_j``; for the
+    sigmoid loss, whose curvature in the logits is diagonal, ``w_kj = σ(s_kj) σ(−s_kj)`` and ``m_k = 0``.
     Cross-pair blocks are what K-FAC drops.  The blocks are never formed: since
     ``J_k v_j = (v_j − a_kj u_k)/‖z_k‖`` with ``a_kj = u_k·v_j``, their sum and their diagonals in
     an eigenbasis reduce to ``[B, B] × [B, e]`` and ``[e, B] × [B, e]`` products, ``O(B²e + Be²)``
@@ -37,8 +39,15 @@ class _EmbeddingCurvature:
 
     @classmethod
     def of(cls, anchors: Tensor, others: Tensor, pre_norms: Tensor, scale: Tensor, own_rows: Tensor, cross_cols: Tensor) -> _EmbeddingCurvature:
+        """Softmax loss: ``own_rows`` the anchors' row softmax, ``cross_cols`` their entries in the others' softmax."""
         weights = own_rows + cross_cols * (1.0 - cross_cols)  # [B, B]
-        mean = own_rows @ others  # m_k [B, e]
+        return cls.weighted(anchors, others, pre_norms, scale, weights, own_rows @ others)
+
+    @classmethod
+    def weighted(
+        cls, anchors: Tensor, others: Tensor, pre_norms: Tensor, scale: Tensor, weights: Tensor, mean: Tensor
+    ) -> _EmbeddingCurvature:
+        """From the weights ``w [B, B]`` and the means ``m [B, e]`` (zero for the sigmoid loss) directly."""
         along = (anchors * mean).sum(dim=1, keepdim=True)
         return cls(
             anchors=anchors,
@@ -97,15 +106,24 @@ def _batch_statistics(
     scope: HeadsScope, theta: Tensor, image: Tensor, text: Tensor, bases: dict[str, tuple[Tensor, Tensor]] | None
 ) -> FactorStatistics:
     """The :func:`kronecker_statistics` of one reference batch."""
-    w_image, w_text, _ = scope.split(theta)
     u, v, scale = embed(scope, theta, image, text)
     logits = scale * (u @ v.T)
-    rows = torch.softmax(logits, dim=1)
-    cols = torch.softmax(logits, dim=0)
-    per_modality = {
-        "image": (image, _EmbeddingCurvature.of(u, v, (image @ w_image).norm(dim=1), scale, rows, cols)),
-        "text": (text, _EmbeddingCurvature.of(v, u, (text @ w_text).norm(dim=1), scale, cols.T, rows.T)),
-    }
+    image_norms, text_norms = scope.project_image(theta, image).norm(dim=1), scope.project_text(theta, text).norm(dim=1)
+    if scope.loss == "siglip":
+        probabilities = torch.sigmoid(logits + scope.bias(theta))
+        weights, no_mean = probabilities * (1.0 - probabilities), torch.zeros_like(u)
+        curvatures = (
+            _EmbeddingCurvature.weighted(u, v, image_norms, scale, weights, no_mean),
+            _EmbeddingCurvature.weighted(v, u, text_norms, scale, weights.T, no_mean),
+        )
+    else:
+        rows = torch.softmax(logits, dim=1)
+        cols = torch.softmax(logits, dim=0)
+        curvatures = (
+            _EmbeddingCurvature.of(u, v, image_norms, scale, rows, cols),
+            _EmbeddingCurvature.of(v, u, text_norms, scale, cols.T, rows.T),
+        )
+    per_modality = {"image": (scope.image_inputs(image), curvatures[0]), "text": (scope.text_inputs(text), curvatures[1])}
     statistics: FactorStatistics = {}
     for name, (features, curvature) in per_modality.items():
         if bases is None:
@@ -141,7 +159,8 @@ class KroneckerSolver(CurvatureSolver):
     ``A = E[h hᵀ]`` (backbone features), ``G = E[M_kk]`` (per-pair Gauss–Newton of the embedding);
     the eigenvalues in the Kronecker eigenbasis are refitted to ``E[(Q_Aᵀh)² ⊗ diag(Q_Gᵀ M_kk Q_G)]``
     (George et al., 2018).  The ``δ`` penalty and ``λ`` are added exactly.  A learnt logit scale gets
-    its exact second derivative as a separate 1×1 block.
+    its exact second derivative as a separate 1×1 block; a learnt scale and bias (sigmoid loss) are
+    refused.
 
     The statistics are sums over pairs (:func:`kronecker_statistics`), so they can be computed chunk
     by chunk or on several workers and added (:meth:`from_statistics`; see ``ecif.influence.streaming``).
@@ -152,6 +171,11 @@ class KroneckerSolver(CurvatureSolver):
     def __init__(self, problem: ContrastiveProblem, theta: Tensor, damping: float, reporter: Reporter | None = None):
         reporter = as_reporter(reporter)
         scope, data = problem.scope, problem.data
+        if learnt_logit_count(scope) > 1:
+            raise ValueError(
+                "the EK-FAC solvers do not cover a learnt logit scale and bias (siglip with --learn-logit-scale); "
+                "use --solver dense or cg"
+            )
         bases = kronecker_bases(kronecker_statistics(scope, theta, data, reporter=reporter))
         eigenvalues = kronecker_statistics(scope, theta, data, bases, reporter)
         scale_curvature = None

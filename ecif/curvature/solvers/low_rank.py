@@ -42,10 +42,11 @@ class LowRankSolver(CurvatureSolver):
 
         size = theta.numel()
         rank = max(1, min(rank, size - 2))
-        operator = linear_operator(curvature_product(problem, theta, kind), size, theta.dtype)
+        operator = linear_operator(curvature_product(problem, theta, kind), size, theta.dtype, theta.device)
         start = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy()
         values, vectors = eigsh(operator, k=rank, which="LA", tol=1e-4, v0=start)
-        return cls(torch.as_tensor(values, dtype=theta.dtype), torch.as_tensor(vectors, dtype=theta.dtype), problem.delta, damping, kind)
+        eigenpairs = (torch.as_tensor(part, dtype=theta.dtype, device=theta.device) for part in (values, vectors))
+        return cls(*eigenpairs, problem.delta, damping, kind)
 
     def to_stored(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The tensors and metadata :func:`save_solver` stores: the eigenpairs and the floor."""

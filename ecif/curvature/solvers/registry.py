@@ -100,13 +100,16 @@ def build_solver(
     ``auto``: ``ekfac-cg`` for the heads scope: the same ``influence`` as the dense reference (to
     1e-11 on the demo) and EK-FAC self-influence (Spearman 0.9996 against the dense one there), at
     a tenth of the time (``bench/first_contact.py``). For the blocks scope (EK-FAC factorises linear
-    heads only): dense up to ``dense_max_params``, ``lowrank-cg`` above.
+    heads only), and for heads with a learnt logit scale and bias (sigmoid loss), which the EK-FAC
+    does not cover: dense up to ``dense_max_params``, ``lowrank-cg`` above.
     """
     config = config or CurvatureConfig()
     name = config.solver
     if name == "auto":
-        heads = problem.scope.kind == "heads"
-        name = "ekfac-cg" if heads else ("dense" if theta.numel() <= config.dense_max_params else "lowrank-cg")
+        from ecif.objective.logits import learnt_logit_count
+
+        factorable = problem.scope.kind == "heads" and learnt_logit_count(problem.scope) <= 1
+        name = "ekfac-cg" if factorable else ("dense" if theta.numel() <= config.dense_max_params else "lowrank-cg")
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; expected one of {', '.join(SOLVER_NAMES)}")
     refuse_ekfac_beyond_heads(name, problem.scope.kind)

@@ -42,7 +42,7 @@ def save_solver(solver: CurvatureSolver, path: Path, fingerprint: str) -> bool:
 def load_solver(
     path: Path, fingerprint: str, problem: ContrastiveProblem | None = None, theta: Tensor | None = None, config: CurvatureConfig | None = None
 ) -> CurvatureSolver | None:
-    """The solver stored by :func:`save_solver`, or None when absent or made for another problem.
+    """The solver stored by :func:`save_solver` (on ``theta``'s device), or None when absent or made for another problem.
 
     A refined solver needs ``problem``, ``theta`` and ``config`` for its conjugate gradient.
     """
@@ -56,7 +56,9 @@ def load_solver(
     if metadata.get("fingerprint") != fingerprint:
         return None
     stored = next(kind for kind in STORABLE if kind.name == metadata["solver"])
-    solver = stored.from_stored(load_file(str(path)), metadata)
+    # The factors go where the problem's θ is (the CPU without one): stored files are device-free.
+    device = "cpu" if theta is None else str(theta.device)
+    solver = stored.from_stored(load_file(str(path), device=device), metadata)
     if metadata.get("refined") == "1":
         if problem is None or theta is None or config is None:
             raise ValueError(f"{path} holds a refined solver: pass the problem, theta and config to rebuild its conjugate gradient")

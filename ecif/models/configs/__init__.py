@@ -6,6 +6,11 @@
 Both backbones are 96 wide and project to a 64-d joint space, so the two projection heads that
 form the default influence scope have 2·96·64 = 12288 parameters: small enough for the
 dense-Hessian reference solver.
+
+"ecif-demo-sigmoid" (``ecif-demo-sigmoid.json``) is the same architecture with a logit bias, for the
+demo trained with SigLIP's sigmoid loss: open_clip gives a model a learnt ``logit_bias`` when its
+config has ``init_logit_bias`` (SigLIP's initialisation: bias −10, logit scale 10).  Its name must not
+contain "siglip": open_clip would then give it SigLIP's tokenizer, whose vocabulary is a download.
 """
 
 from __future__ import annotations
@@ -14,14 +19,23 @@ from pathlib import Path
 
 import open_clip
 
+from ecif.config import Loss
+
 DEMO_MODEL_NAME = "ecif-demo"
-DEMO_CONFIG_FILE = Path(__file__).with_name(f"{DEMO_MODEL_NAME}.json")
+#: The demo architecture per training loss (see :data:`ecif.config.LOSSES`).
+DEMO_MODEL_NAMES: dict[Loss, str] = {"clip": DEMO_MODEL_NAME, "siglip": f"{DEMO_MODEL_NAME}-sigmoid"}
+
+
+def demo_config_file(loss: Loss) -> Path:
+    """The open_clip config file of the demo architecture trained with ``loss``."""
+    return Path(__file__).with_name(f"{DEMO_MODEL_NAMES[loss]}.json")
 
 
 def register_configs() -> None:
-    """Make ``open_clip.create_model("ecif-demo")`` work (idempotent)."""
-    if DEMO_MODEL_NAME not in open_clip.list_models():
-        open_clip.add_model_config(DEMO_CONFIG_FILE)
+    """Make ``open_clip.create_model("ecif-demo")`` (and ``"ecif-demo-sigmoid"``) work (idempotent)."""
+    for loss, name in DEMO_MODEL_NAMES.items():
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(demo_config_file(loss))
 
 
 register_configs()
