@@ -322,6 +322,8 @@ def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
     at.number_input(key="load_blocks").set_value(1).run()
     assert at.selectbox(key="load_device").options[:2] == ["auto", "cpu"]
     at.selectbox(key="load_device").set_value("cpu").run()
+    at.selectbox(key="load_loss").set_value("siglip").run()
+    at.text_input(key="load_tokenizer").input(str(tmp_path / "tokenizer")).run()
     at.button(key="start_scoring").click().run()
     target = Path(at.query_params["run"])
     assert target.parent == tmp_path / "cache" / "runs" and target.name.startswith("mine-")
@@ -331,7 +333,8 @@ def test_load_page_checks_manifest_and_starts_scoring(run, tmp_path: Path,
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert str(started[0].manifest) == str(manifest) and started[0].trusted_split == "val"
-    assert started[0].device == "cpu"
+    assert started[0].device == "cpu" and started[0].finetune.loss == "siglip"
+    assert started[0].tokenizer == tmp_path / "tokenizer"
     assert read_status(target)["settings"]["finetune"]["delta"] == "auto"  # recorded for resume
     assert read_status(target)["settings"]["finetune"]["blocks"] == 1
 

@@ -9,7 +9,7 @@ import streamlit as st
 from views.context import Context, open_run, start_job
 from views.finetune import summary as finetune_summary
 
-from ecif.config import AUTO_DELTA, CurvatureConfig, CurvatureKind, FinetuneConfig, RunConfig
+from ecif.config import AUTO_DELTA, AUTO_LOSS, LOSSES, CurvatureConfig, CurvatureKind, FinetuneConfig, RunConfig
 from ecif.curvature.solvers import SOLVER_NAMES
 from ecif.data.manifest import ManifestError, load_manifest
 from ecif.devices import device_choices
@@ -52,6 +52,10 @@ def _own_data_form(ctx: Context) -> None:
                                help="A local file; nothing is downloaded. Without it (or a cached tag) the job "
                                     "is refused rather than run with random weights.")
     pretrained = st.text_input("open_clip pretrained tag (optional, must be cached)", key="load_pretrained")
+    tokenizer = st.text_input("Tokenizer folder (optional)", key="load_tokenizer",
+                              help="For a model whose tokenizer open_clip fetches from the Hugging Face hub (SigLIP, "
+                                   "Hugging Face text towers): a local folder. Empty: the local Hugging Face cache; "
+                                   "nothing is downloaded, and the job is refused if neither has it.")
     manifest = st.text_input("Manifest (CSV, TSV, JSONL, parquet or an image folder)", key="load_manifest")
     splits = st.columns(2)
     trusted = splits[0].text_input("Trusted split (the clean set influence is measured on)",
@@ -81,6 +85,10 @@ def _own_data_form(ctx: Context) -> None:
         blocks = st.number_input("Transformer blocks in the influence scope", 0, 4, finetune.blocks, key="load_blocks",
                                  help="0: the projection heads only (fast, any size). N > 0 adds the last N blocks of "
                                  "each tower: influence through what the towers compute, for up to a few thousand pairs.")
+        losses = [AUTO_LOSS, *LOSSES]
+        loss = st.selectbox("Contrastive loss", losses, losses.index(finetune.loss), key="load_loss",
+                            help="auto: the model's own (SigLIP's sigmoid for a model with a logit bias, else CLIP's "
+                                 "softmax); with the demo model also the loss it is trained with.")
         devices = device_choices()
         device = st.selectbox("Device", devices, devices.index(defaults.device), key="load_device",
                               help="Where the job computes. auto: the first GPU torch sees, else the CPU. The maths "
@@ -97,9 +105,10 @@ def _own_data_form(ctx: Context) -> None:
             run_dir=Path(run_dir) if run_dir else default_dir,
             manifest=Path(manifest).expanduser().resolve(), model=model or defaults.model,
             checkpoint=Path(checkpoint) if checkpoint else None, pretrained=pretrained or None,
+            tokenizer=Path(tokenizer).expanduser() if tokenizer else None,
             trusted_split=trusted, test_split=test,
             finetune=FinetuneConfig(delta=AUTO_DELTA if auto_delta else float(delta), batch_size=int(batch),
-                                    blocks=int(blocks)),
+                                    blocks=int(blocks), loss=loss),
             curvature=CurvatureConfig(damping=float(damping), solver=solver, kind=kind), device=device)
         _start(ctx, config)
         st.rerun()
