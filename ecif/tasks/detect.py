@@ -50,7 +50,7 @@ def misalignment(clip_score: np.ndarray, self_influence_first_order: np.ndarray)
     fault; which view is sharper depends on the backbone and the kind of corruption (a backbone that
     has absorbed swapped attributes leaves self-influence almost blind to them).  Each view is weighted
     by :func:`outlier_weight`, the fraction of pairs it puts beyond 2σ, so the view that singles out a
-    group counts for more.  Over the 28 settings of bench/detect_sweep.py this stays within 0.01 AP
+    group counts for more.  Over the 30 settings of bench/detect_sweep.py this stays within 0.01 AP
     of the sharper single column everywhere, including runs made after it was chosen (an equal-weight
     sum missed in two settings, by up to 0.046 on a single run).
     Self-influence spans orders of magnitude, so it enters by its logarithm: standardised raw, its
